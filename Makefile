@@ -1,0 +1,52 @@
+# FaultSense: every target passes extra Hydra overrides through ARGS="...".
+SHELL := /bin/bash
+UV ?= uv
+RUN := $(UV) run --frozen
+ARGS ?=
+
+.PHONY: setup test test-fast lint format data synth train eval sweep cv retrain serve app demo loadtest bench clean
+
+setup:  ## install uv if missing, then the locked environment
+	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) sync --frozen
+
+test:  ## the whole test suite (what CI runs)
+	$(RUN) pytest -q $(ARGS)
+
+lint:
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+format:
+	$(RUN) ruff format .
+	$(RUN) ruff check --fix .
+
+synth:  ## write the synthetic ESC-50-layout dataset to data/synthetic
+	$(RUN) faultsense-synth $(ARGS)
+
+data:  ## manifest + waveform cache, e.g. make data ARGS="data.source=../shared/datasets/esc50-16k"
+	$(RUN) faultsense-data $(ARGS)
+
+train:
+	$(RUN) faultsense-train $(ARGS)
+
+eval:
+	$(RUN) faultsense-eval $(ARGS)
+
+sweep:
+	$(RUN) faultsense-train -m hparams_search=cnn_optuna $(ARGS)
+
+cv:
+	$(RUN) faultsense-cv $(ARGS)
+
+retrain:
+	$(RUN) faultsense-retrain $(ARGS)
+
+serve:
+	$(RUN) faultsense-serve $(ARGS)
+
+app:
+	$(RUN) faultsense-app $(ARGS)
+
+clean:
+	rm -rf outputs multirun logs wandb .pytest_cache .ruff_cache

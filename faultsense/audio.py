@@ -1,0 +1,157 @@
+"""Decode audio from a path or bytes into mono float32 at the model rate, with clear errors.
+
+This is the only decoder in the project: the data cache, uploads, the Predictor and the
+server all call `decode`. It uses soundfile (libsndfile: WAV, FLAC, OGG, MP3, ...) and
+resamples with torchaudio; `torchaudio.load` is never used.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import soundfile as sf
+
+from .errors import AudioError
+
+MODEL_SAMPLE_RATE = 16_000
+MIN_SAMPLE_RATE = 1_000
+MAX_SAMPLE_RATE = 384_000
+# Peak amplitude below this is digital silence: nothing a classifier could hear.
+SILENCE_PEAK = 1e-6
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+
+AudioSource = str | Path | bytes | bytearray | memoryview | BinaryIO
+
+
+def _describe(source: AudioSource, name: str | None) -> str:
+    if name:
+        return name
+    if isinstance(source, str | Path):
+        return str(source)
+    return "<audio bytes>"
+
+
+def _open(source: AudioSource, what: str) -> sf.SoundFile:
+    if isinstance(source, bytes | bytearray | memoryview):
+        if len(source) == 0:
+            raise AudioError(f"{what} is empty (0 bytes).")
+        source = io.BytesIO(bytes(source))
+    elif isinstance(source, str | Path):
+        path = Path(source)
+        if not path.is_file():
+            raise AudioError(f"{what} does not exist or is not a file.")
+        if path.stat().st_size == 0:
+            raise AudioError(f"{what} is empty (0 bytes).")
+        source = str(path)
+    try:
+        return sf.SoundFile(source)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
+        raise AudioError(
+            f"{what} could not be decoded as audio (supported: WAV, FLAC, OGG, MP3): "
+            f"{getattr(err, 'error_string', err)}"
+        ) from None
+
+
+def decode(
+    source: AudioSource,
+    *,
+    sample_rate: int = MODEL_SAMPLE_RATE,
+    max_seconds: float | None = None,
+    name: str | None = None,
+    allow_silent: bool = False,
+) -> np.ndarray:
+    """Decode `source` to a mono float32 waveform [T] at `sample_rate`.
+
+    Multichannel audio is averaged to mono; other rates are resampled. Raises AudioError,
+    naming `name` (or the path) and the reason, for: empty or missing input, undecodable
+    or non-audio bytes, an absurd sample rate, no samples, NaN/Inf samples, digital
+    silence (unless `allow_silent`), or a duration over `max_seconds`. Memory stays
+    bounded by `max_seconds` even when a header lies about its length.
+    """
+    what = _describe(source, name)
+    with _open(source, what) as f:
+        rate, channels = int(f.samplerate), int(f.channels)
+        if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+            raise AudioError(
+                f"{what} has an unsupported sample rate of {rate} Hz "
+                f"(expected {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz)."
+            )
+        if channels < 1:
+            raise AudioError(f"{what} declares {channels} channels.")
+        limit = None if max_seconds is None else int(max_seconds * rate) + 1
+        try:
+            data = f.read(frames=-1 if limit is None else limit, dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError, ValueError, MemoryError) as err:
+            raise AudioError(
+                f"{what} is corrupt or truncated: {getattr(err, 'error_string', err)}"
+            ) from None
+    if limit is not None and data.shape[0] >= limit:
+        raise AudioError(
+            f"{what} is longer than the limit of {max_seconds:g} s; trim it or split it into clips."
+        )
+    if data.shape[0] == 0:
+        raise AudioError(f"{what} contains no audio samples.")
+    if not np.isfinite(data).all():
+        raise AudioError(f"{what} contains NaN or infinite samples.")
+    wave = data.mean(axis=1, dtype=np.float32) if channels > 1 else data[:, 0]
+    if not allow_silent and float(np.abs(wave).max()) < SILENCE_PEAK:
+        raise AudioError(f"{what} is silent (every sample is zero).")
+    return resample(np.ascontiguousarray(wave, dtype=np.float32), rate, sample_rate)
+
+
+def info_seconds(source: AudioSource, name: str | None = None) -> float:
+    """Declared duration of `source` in seconds (header only, no full decode)."""
+    what = _describe(source, name)
+    with _open(source, what) as f:
+        return f.frames / f.samplerate if f.samplerate else 0.0
+
+
+@functools.lru_cache(maxsize=16)
+def _resampler(orig: int, new: int):
+    import torchaudio
+
+    return torchaudio.transforms.Resample(orig, new)
+
+
+def resample(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    """Resample a mono float32 waveform [T] from `orig_rate` to `new_rate` (sinc, torchaudio)."""
+    if orig_rate == new_rate:
+        return wave
+    import torch
+
+    with torch.inference_mode():
+        out = _resampler(orig_rate, new_rate)(torch.from_numpy(wave))
+    return out.numpy().astype(np.float32, copy=False)
+
+
+def fix_length(wave: np.ndarray, length: int) -> np.ndarray:
+    """Crop (keep the start) or zero-pad (at the end) a waveform [T] to exactly `length`."""
+    if wave.shape[-1] >= length:
+        return wave[..., :length]
+    pad = [(0, 0)] * (wave.ndim - 1) + [(0, length - wave.shape[-1])]
+    return np.pad(wave, pad)
+
+
+def sliding_windows(wave: np.ndarray, window: int, hop: int) -> np.ndarray:
+    """Split a waveform [T] into windows [N, window] every `hop` samples.
+
+    A clip no longer than `window` gives one zero-padded window; the tail of a longer
+    clip gets its own window so no audio is dropped.
+    """
+    if wave.shape[0] <= window:
+        return fix_length(wave, window)[None]
+    starts = list(range(0, wave.shape[0] - window + 1, hop))
+    if starts[-1] + window < wave.shape[0]:
+        starts.append(wave.shape[0] - window)
+    return np.stack([wave[s : s + window] for s in starts])
+
+
+def to_wav_bytes(wave: np.ndarray, sample_rate: int = MODEL_SAMPLE_RATE) -> bytes:
+    """Encode a mono float waveform [T] as 16-bit PCM WAV bytes."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(wave, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
