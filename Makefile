@@ -45,8 +45,11 @@ retrain:
 serve:
 	$(RUN) faultsense-serve $(ARGS)
 
-app:
+app:  ## the web app over a running server (http://127.0.0.1:7860)
 	$(RUN) faultsense-app $(ARGS)
+
+demo:  ## offline first run: synthetic data, a small model, then server + app (Ctrl-C stops)
+	$(RUN) python -m serving.demo $(ARGS)
 
 clean:
 	rm -rf outputs multirun logs wandb .pytest_cache .ruff_cache

@@ -1,0 +1,473 @@
+"""ESC-50 source: fetch (or take a local folder / .zip), verify, map categories to fault
+labels, and write the manifest.
+
+A dataset root is a folder holding `meta/esc50.csv` (official columns) and `audio/`.
+`resolve_source` turns `data.source` into such a root: a folder is used in place, a
+.zip is extracted once under `raw_dir`, and no source means downloading the official
+release over HTTPS (progress bar, resumable through an HTTP Range on a `.part` file).
+Every write that matters (download, extraction, manifest) is atomic.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import shutil
+import zipfile
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DataError, LabelError
+from ..taxonomy import LABELS, validate_label
+
+log = logging.getLogger(__name__)
+
+META_FILE = Path("meta") / "esc50.csv"
+META_COLUMNS = ("filename", "fold", "target", "category", "esc10", "src_file", "take")
+MANIFEST_COLUMNS = ("id", "path", "esc50_category", "label", "fold", "source", "duration")
+OFFICIAL_URL = "https://github.com/karolpiczak/ESC-50/archive/refs/heads/master.zip"
+OFFICIAL_CLIPS = 2000
+
+
+# ---------------------------------------------------------------- mapping
+
+
+@dataclass(frozen=True)
+class FaultMapping:
+    """ESC-50 category -> fault label. `unmapped` is "drop" or a label (e.g. "normal")."""
+
+    classes: dict[str, tuple[str, ...]]
+    unmapped: str = "drop"
+    category_to_label: dict[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        lookup: dict[str, str] = {}
+        for label, categories in self.classes.items():
+            for category in categories:
+                if category in lookup and lookup[category] != label:
+                    raise ConfigError(
+                        f"data.mapping.classes: ESC-50 category {category!r} is mapped to both "
+                        f"{lookup[category]!r} and {label!r}; give it one label."
+                    )
+                lookup[category] = label
+        object.__setattr__(self, "category_to_label", lookup)
+
+    def label_for(self, category: str) -> str | None:
+        """The fault label of `category`, or None when it is dropped."""
+        label = self.category_to_label.get(category)
+        if label is not None:
+            return label
+        return None if self.unmapped == "drop" else self.unmapped
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (recorded in the cache index and in bundles)."""
+        return {"unmapped": self.unmapped, "classes": {k: list(v) for k, v in self.classes.items()}}
+
+
+def parse_mapping(mapping: Mapping[str, Any] | FaultMapping | None) -> FaultMapping:
+    """Validate a `data.mapping` dict ({unmapped, classes: {label: [category, ...]}})."""
+    if isinstance(mapping, FaultMapping):
+        return mapping
+    if not mapping or not mapping.get("classes"):
+        raise ConfigError(
+            "data.mapping.classes is empty: add `configs/data/esc50_fault.yaml` to the data "
+            "config's defaults or pass a mapping {label: [esc50 category, ...]}."
+        )
+    classes: dict[str, tuple[str, ...]] = {}
+    for label, categories in dict(mapping["classes"]).items():
+        try:
+            label = validate_label(label)
+        except LabelError as err:
+            raise ConfigError(f"data.mapping.classes: {err}") from None
+        if isinstance(categories, str) or not isinstance(categories, Iterable):
+            raise ConfigError(f"data.mapping.classes.{label} must be a list of ESC-50 categories.")
+        classes[label] = tuple(str(c).strip() for c in categories)
+    unmapped = str(mapping.get("unmapped", "drop")).strip()
+    if unmapped != "drop":
+        try:
+            unmapped = validate_label(unmapped)
+        except LabelError:
+            raise ConfigError(
+                f"data.mapping.unmapped={unmapped!r}: expected 'drop' or one of {', '.join(LABELS)}."
+            ) from None
+    return FaultMapping(classes=classes, unmapped=unmapped)
+
+
+# ---------------------------------------------------------------- rows and manifest
+
+
+@dataclass(frozen=True)
+class ClipRow:
+    """One manifest row. `fold` 0 = an upload (train only); `duration` is known after decode."""
+
+    id: str
+    path: str
+    esc50_category: str
+    label: str
+    fold: int
+    source: str
+    duration: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SourceStats:
+    """What a source holds before and after mapping (for the `faultsense-data` report)."""
+
+    root: Path
+    clips: int = 0
+    mapped: int = 0
+    dropped_categories: list[str] = field(default_factory=list)
+    missing_folds: list[int] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def find_root(path: Path) -> Path | None:
+    """The dataset root at `path` or one level below it (e.g. `ESC-50-master/`), else None."""
+    if (path / META_FILE).is_file():
+        return path
+    if path.is_dir():
+        found = [p for p in sorted(path.iterdir()) if (p / META_FILE).is_file()]
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def read_meta(root: Path) -> list[dict[str, str]]:
+    """Rows of `root/meta/esc50.csv`, checked for the official columns and integer folds."""
+    meta = root / META_FILE
+    try:
+        with open(meta, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in META_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(
+                    f"{meta} is missing the ESC-50 column(s) {', '.join(missing)} "
+                    f"(expected {','.join(META_COLUMNS)})."
+                )
+            rows = list(reader)
+    except OSError as err:
+        raise DataError(f"Cannot read ESC-50 meta file {meta}: {err.strerror}.") from None
+    except (csv.Error, UnicodeDecodeError) as err:
+        raise DataError(f"{meta} is not a valid CSV file: {err}.") from None
+    for line, row in enumerate(rows, start=2):
+        try:
+            row["fold"] = str(int(row["fold"]))
+        except (TypeError, ValueError):
+            raise DataError(
+                f"{meta} line {line}: fold {row['fold']!r} is not an integer."
+            ) from None
+        if not row["filename"] or not row["category"]:
+            raise DataError(f"{meta} line {line}: empty filename or category.")
+    if not rows:
+        raise DataError(f"{meta} lists no clips.")
+    return rows
+
+
+def clip_rows(
+    root: Path, mapping: FaultMapping, *, skip_bad: bool = False
+) -> tuple[list[ClipRow], SourceStats]:
+    """Map the clips of the dataset at `root` to fault labels.
+
+    Any subset of folds works: a fold listed in the meta file whose audio is entirely
+    absent is skipped with a warning. A missing file inside a present fold is an error
+    (or, with `skip_bad`, reported by name and skipped).
+    """
+    meta = read_meta(root)
+    audio_dir = (root / "audio").absolute()
+    present = {(r["fold"], (audio_dir / r["filename"]).is_file()) for r in meta}
+    folds_with_audio = {fold for fold, exists in present if exists}
+    stats = SourceStats(root=root)
+    stats.missing_folds = sorted({int(f) for f, _ in present} - {int(f) for f in folds_with_audio})
+    if stats.missing_folds:
+        log.warning(
+            "%s lists fold(s) %s but none of their audio is present; using the other folds.",
+            root / META_FILE,
+            ", ".join(map(str, stats.missing_folds)),
+        )
+    rows: list[ClipRow] = []
+    missing: list[str] = []
+    dropped: set[str] = set()
+    for r in meta:
+        if r["fold"] not in folds_with_audio:
+            continue
+        path = audio_dir / r["filename"]
+        if not path.is_file():
+            missing.append(str(path))
+            continue
+        stats.clips += 1
+        label = mapping.label_for(r["category"])
+        if label is None:
+            dropped.add(r["category"])
+            continue
+        clip_id = Path(r["filename"]).stem
+        rows.append(ClipRow(clip_id, str(path), r["category"], label, int(r["fold"]), "esc50"))
+    if missing:
+        listed = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        if not skip_bad:
+            raise DataError(
+                f"{len(missing)} clip(s) listed in {root / META_FILE} are missing: {listed}. "
+                "Restore them, or set data.skip_bad=true to skip them."
+            )
+        log.warning("Skipping %d missing clip(s): %s", len(missing), listed)
+        stats.skipped.extend(missing)
+    unknown = sorted(set(mapping.category_to_label) - {r["category"] for r in meta})
+    if unknown:
+        log.warning("Mapped categories not in %s: %s", root / META_FILE, ", ".join(unknown))
+    stats.mapped = len(rows)
+    stats.dropped_categories = sorted(dropped)
+    return rows, stats
+
+
+def write_manifest(rows: Iterable[ClipRow], path: str | Path) -> Path:
+    """Write the manifest CSV (MANIFEST_COLUMNS) atomically: temp file + os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            d = row.as_dict()
+            d["duration"] = "" if row.duration is None else f"{row.duration:.3f}"
+            writer.writerow(d)
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(path: str | Path) -> list[ClipRow]:
+    """Rows of a manifest written by `write_manifest`."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
+                raise DataError(
+                    f"{path} is not a FaultSense manifest (columns {reader.fieldnames})."
+                )
+            return [
+                ClipRow(
+                    r["id"],
+                    r["path"],
+                    r["esc50_category"],
+                    r["label"],
+                    int(r["fold"]),
+                    r["source"],
+                    float(r["duration"]) if r["duration"] else None,
+                )
+                for r in reader
+            ]
+    except OSError as err:
+        raise DataError(f"Cannot read manifest {path}: {err.strerror}.") from None
+
+
+# ---------------------------------------------------------------- fetching
+
+
+def resolve_source(
+    source: str | Path | None,
+    raw_dir: str | Path,
+    *,
+    url: str = OFFICIAL_URL,
+    sha256: str | None = None,
+    expected_clips: int | None = OFFICIAL_CLIPS,
+    progress: bool = True,
+) -> Path:
+    """The dataset root for `data.source`: a folder, a .zip (extracted once under
+    `raw_dir`), or None = the official release downloaded and extracted under `raw_dir`."""
+    raw_dir = Path(raw_dir)
+    if source is None or str(source).strip() == "":
+        dest = raw_dir / "ESC-50-master"
+        if (dest / META_FILE).is_file():
+            return dest
+        archive = raw_dir / "ESC-50-master.zip"
+        if not archive.is_file():
+            download(url, archive, sha256=sha256, progress=progress)
+        try:
+            root = extract_zip(archive, dest, expected_clips=expected_clips)
+        except DataError:
+            archive.unlink()  # a bad archive must not be reused: the next run downloads again
+            raise
+        archive.unlink()  # the extracted copy is what we use; 600 MB is worth freeing
+        return root
+    path = Path(source).expanduser()
+    if path.is_dir():
+        root = find_root(path)
+        if root is None:
+            raise DataError(
+                f"ESC-50 meta file not found at {path / META_FILE}. Pass data.source=/path/to/ESC-50 "
+                "(a folder with meta/esc50.csv and audio/, or the release .zip), or leave "
+                "data.source unset to download it."
+            )
+        return root
+    if path.is_file() and zipfile.is_zipfile(path):
+        st = path.stat()
+        key = hashlib.sha256(
+            f"{path.absolute()}|{st.st_size}|{st.st_mtime_ns}".encode()
+        ).hexdigest()
+        dest = raw_dir / f"{path.stem}-{key[:8]}"
+        if (dest / META_FILE).is_file():
+            return dest
+        return extract_zip(path, dest)
+    if path.is_file():
+        raise DataError(f"data.source={source} is a file but not a .zip archive.")
+    raise DataError(
+        f"data.source={source} does not exist. Pass a folder with meta/esc50.csv and audio/ or "
+        "an ESC-50 .zip, or leave data.source unset to download the official release."
+    )
+
+
+def download(
+    url: str,
+    dest: str | Path,
+    *,
+    sha256: str | None = None,
+    progress: bool = True,
+    timeout: float = 60.0,
+    chunk_size: int = 1 << 20,
+) -> Path:
+    """Download `url` to `dest` over HTTP(S), resuming a previous `.part` with a Range request.
+
+    `dest` appears only when complete (and matching `sha256` when given).
+    """
+    import requests
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    offset = part.stat().st_size if part.is_file() else 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    hint = "Check the network and retry (the download resumes), or pass data.source=<folder|zip>."
+    try:
+        with requests.get(url, stream=True, headers=headers, timeout=timeout) as resp:
+            if resp.status_code == 416 and offset:  # nothing past offset: the .part is complete
+                total = offset
+            else:
+                resp.raise_for_status()
+                if resp.status_code != 206:  # the server ignored the Range: start over
+                    offset = 0
+                length = resp.headers.get("Content-Length")
+                total = offset + int(length) if length is not None else None
+                with (
+                    open(part, "ab" if offset else "wb") as f,
+                    _bytes_progress(dest.name, total, offset, progress) as advance,
+                ):
+                    for chunk in resp.iter_content(chunk_size):
+                        f.write(chunk)
+                        advance(len(chunk))
+    except requests.RequestException as err:
+        raise DataError(f"Download of {url} failed: {err}. {hint}") from None
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise DataError(f"Download of {url} stopped at {size} of {total} bytes. {hint}")
+    if sha256:
+        digest = _sha256_file(part)
+        if digest != sha256.lower():
+            part.unlink()
+            raise DataError(f"{url}: sha256 {digest} does not match the expected {sha256}.")
+    os.replace(part, dest)
+    return dest
+
+
+class _bytes_progress:
+    """A rich byte-progress bar as a context manager yielding `advance(n)`."""
+
+    def __init__(self, name: str, total: int | None, done: int, enabled: bool) -> None:
+        self.name, self.total, self.done, self.enabled = name, total, done, enabled
+        self._progress = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        )
+        self._progress.start()
+        task = self._progress.add_task(
+            f"download {self.name}", total=self.total, completed=self.done
+        )
+        return lambda n: self._progress.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def extract_zip(
+    archive: str | Path, dest: str | Path, *, expected_clips: int | None = None
+) -> Path:
+    """Extract an ESC-50 .zip so that `dest` is the verified dataset root.
+
+    Atomic: extracted and verified in a temp folder, then renamed to `dest`.
+    """
+    archive, dest = Path(archive), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            base = tmp.resolve()
+            for member in zf.namelist():  # refuse entries that would land outside tmp
+                if not (base / member).resolve().is_relative_to(base):
+                    raise DataError(
+                        f"{archive} contains an unsafe path {member!r}; not extracting."
+                    )
+            zf.extractall(tmp)
+        root = find_root(tmp)
+        if root is None:
+            raise DataError(f"{archive} does not contain an ESC-50 folder ({META_FILE} not found).")
+        verify(root, expected_clips)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(root, dest)
+    except zipfile.BadZipFile as err:
+        raise DataError(f"{archive} is not a valid zip archive: {err}.") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def verify(root: Path, expected_clips: int | None) -> None:
+    """Check the meta columns, that every listed clip exists, and the clip count if known."""
+    meta = read_meta(root)
+    missing = [r["filename"] for r in meta if not (root / "audio" / r["filename"]).is_file()]
+    if missing:
+        raise DataError(
+            f"{root}: {len(missing)} clip(s) listed in {META_FILE} are missing from audio/ "
+            f"(e.g. {missing[0]}); the archive is incomplete."
+        )
+    if expected_clips is not None and len(meta) != expected_clips:
+        raise DataError(f"{root}: {len(meta)} clips listed, expected {expected_clips}.")
+    log.info(
+        "Verified %s: %d clips, folds %s", root, len(meta), sorted(Counter(r["fold"] for r in meta))
+    )

@@ -1,0 +1,138 @@
+"""Labeled uploads: user recordings that join the training split on the next (re)train.
+
+`UploadStore(root)` validates an upload with `audio.decode` (so every bad file is an
+AudioError naming it), checks the label against the taxonomy, normalizes the audio to
+16 kHz mono PCM16 WAV and stores it at `root/<label>/<sha256>.wav`, where sha256 is
+taken over the *normalized* WAV bytes: the same recording uploaded twice (even in a
+different container or sample rate that decodes to the same samples) is a duplicate.
+`root/manifest.csv` lists the stored clips. Writes are atomic and serialized by a file
+lock: the WAV is written to a temp file and renamed, then the manifest is rewritten to
+a temp file and renamed, so an interrupted upload leaves no partial file or row (at
+worst a complete WAV without a row, which the next upload of it adopts). The client's
+filename is recorded as text only, never used as a path.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from .. import audio
+from ..taxonomy import LABELS, validate_label
+
+MANIFEST_NAME = "manifest.csv"
+UPLOAD_COLUMNS = ("sha256", "label", "path", "filename", "seconds", "created_at")
+SAMPLE_RATE = audio.MODEL_SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """Outcome of `UploadStore.add`: `status` is "stored" or "duplicate"; `path` is the
+    stored WAV; for a duplicate, `label` is the label it was first stored with."""
+
+    status: str
+    sha256: str
+    label: str
+    seconds: float
+    path: Path
+
+
+class UploadStore:
+    """Labeled uploads under `root`: `root/<label>/<sha256>.wav` + `root/manifest.csv`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def _lock(self) -> FileLock:
+        # A fresh lock per write: the server builds its store before uvicorn forks, and
+        # filelock refuses to use an instance inherited across fork.
+        return FileLock(str(self.root / ".lock"))
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    def add(
+        self, data: bytes, label: str, filename: str | None = None, *, max_seconds: float
+    ) -> UploadResult:
+        """Validate, normalize and store one upload. Raises LabelError for an unknown label
+        and AudioError (naming `filename`) for audio that cannot be used."""
+        label = validate_label(label)
+        shown = _clean_name(filename) or "upload"
+        wave = audio.decode(data, sample_rate=SAMPLE_RATE, max_seconds=max_seconds, name=shown)
+        wav = audio.to_wav_bytes(wave, SAMPLE_RATE)
+        digest = hashlib.sha256(wav).hexdigest()
+        seconds = round(len(wave) / SAMPLE_RATE, 3)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            rows = self.rows()
+            for row in rows:
+                if row["sha256"] == digest:
+                    stored = self.root / row["path"]
+                    return UploadResult(
+                        "duplicate", digest, row["label"], float(row["seconds"]), stored
+                    )
+            rel = f"{label}/{digest}.wav"
+            target = self.root / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(target, wav)
+            rows.append(
+                {
+                    "sha256": digest,
+                    "label": label,
+                    "path": rel,
+                    "filename": shown,
+                    "seconds": f"{seconds:.3f}",
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+            )
+            self._write_rows(rows)
+        return UploadResult("stored", digest, label, seconds, target)
+
+    def rows(self) -> list[dict[str, str]]:
+        """Manifest rows (dicts with UPLOAD_COLUMNS), oldest first; [] when there are none."""
+        try:
+            with open(self.manifest_path, newline="") as f:
+                return [dict(r) for r in csv.DictReader(f)]
+        except FileNotFoundError:
+            return []
+
+    def counts(self) -> dict[str, int]:
+        """Stored uploads per label, every label present (0 when none)."""
+        counted = Counter(r["label"] for r in self.rows())
+        return {label: counted.get(label, 0) for label in LABELS}
+
+    def _write_rows(self, rows: list[dict[str, str]]) -> None:
+        tmp = self.manifest_path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=UPLOAD_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.manifest_path)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _clean_name(filename: str | None) -> str:
+    """The client's filename as safe display text: last path part, printable, <= 200 chars."""
+    if not filename:
+        return ""
+    name = str(filename).replace("\\", "/").rsplit("/", 1)[-1]
+    return "".join(ch for ch in name if ch.isprintable())[:200]

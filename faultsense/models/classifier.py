@@ -1,0 +1,381 @@
+"""FaultNet (waveform in, logits out) and FaultClassifier, the LightningModule that trains it.
+
+`FaultNet` is everything serving needs: frontend + backbone + head, rebuilt from a plain
+JSON-able spec by `build_net`. Backbones come from an allowlist, never from an arbitrary
+import string. `FaultClassifier` wires loss, waveform augmentation, mixup, metrics and the
+optimizer around it; its hparams are primitives only, so checkpoints load with
+`torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from ..errors import ConfigError
+from ..taxonomy import LABELS, NUM_LABELS
+from .frontend import Frontend, WaveAugment, build_frontend, mixup
+
+log = logging.getLogger(__name__)
+
+
+def _cnn(**kwargs: Any) -> nn.Module:
+    from .cnn import FaultCNN
+
+    return FaultCNN(**kwargs)
+
+
+def _wav2vec2(**kwargs: Any) -> nn.Module:
+    from .wav2vec2 import Wav2Vec2Backbone
+
+    return Wav2Vec2Backbone(**kwargs)
+
+
+# The only backbones a spec (from a config, a checkpoint or a bundle) may name.
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "faultsense.models.cnn.FaultCNN": _cnn,
+    "faultsense.models.wav2vec2.Wav2Vec2Backbone": _wav2vec2,
+}
+
+
+def plain(value: Any) -> Any:
+    """A DictConfig/ListConfig/tuple tree as plain dicts, lists and primitives (resolved)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+class Head(nn.Module):
+    """Embedding [B, in_dim] -> logits [B, num_classes]: dropout, optional hidden layer."""
+
+    def __init__(self, in_dim: int, num_classes: int, hidden: int = 0, dropout: float = 0.2):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Dropout(dropout)]
+        if hidden:
+            layers += [nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout)]
+            in_dim = hidden
+        layers.append(nn.Linear(in_dim, num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class FaultNet(nn.Module):
+    """Waveform [B, T] float32 at `spec['sample_rate']` -> logits [B, num_classes].
+
+    Eval mode adds no augmentation (SpecAugment in the frontend is training-only).
+    `spec` is the plain dict `build_net` rebuilds this exact architecture from.
+    """
+
+    def __init__(self, frontend: Frontend, backbone: nn.Module, head: Head, spec: dict) -> None:
+        super().__init__()
+        self.frontend = frontend
+        self.backbone = backbone
+        self.head = head
+        self.spec = spec
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(self.frontend(wave)))
+
+
+def build_net(spec: Mapping[str, Any]) -> FaultNet:
+    """Build a FaultNet from `{frontend, backbone: {_target_, ...}, head, num_classes,
+    sample_rate, clip_samples}`; the backbone `_target_` must be in BACKBONES."""
+    spec = plain(spec)
+    missing = [
+        k
+        for k in ("frontend", "backbone", "num_classes", "sample_rate", "clip_samples")
+        if k not in spec
+    ]
+    if missing:
+        raise ConfigError(f"Model spec is missing {', '.join(missing)}.")
+    backbone_spec = dict(spec["backbone"])
+    target = backbone_spec.pop("_target_", None)
+    if target not in BACKBONES:
+        raise ConfigError(
+            f"model.net.backbone._target_={target!r} is not an allowed backbone; "
+            f"choose one of: {', '.join(BACKBONES)}."
+        )
+    frontend = build_frontend({"sample_rate": spec["sample_rate"], **spec["frontend"]})
+    try:
+        backbone = BACKBONES[target](**backbone_spec)
+    except TypeError as err:
+        raise ConfigError(f"model.net.backbone ({target}): {err}") from None
+    head_spec = dict(spec.get("head") or {})
+    head = Head(backbone.out_dim, int(spec["num_classes"]), **head_spec)
+    resolved = backbone.spec() if hasattr(backbone, "spec") else backbone_spec
+    full = {
+        "frontend": dict(spec["frontend"]),
+        "backbone": {"_target_": target, **resolved},
+        "head": head_spec,
+        "num_classes": int(spec["num_classes"]),
+        "sample_rate": int(spec["sample_rate"]),
+        "clip_samples": int(spec["clip_samples"]),
+    }
+    return FaultNet(frontend, backbone, head, full)
+
+
+def _metrics(num_classes: int, prefix: str) -> MetricCollection:
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+            "precision_macro": MulticlassPrecision(num_classes, average="macro"),
+            "recall_macro": MulticlassRecall(num_classes, average="macro"),
+        },
+        prefix=prefix,
+    )
+
+
+def confusion_figure(matrix: list[list[int]], labels: list[str], title: str):
+    """A matplotlib figure of a confusion matrix (rows = true, columns = predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=100)
+    ax.imshow(matrix, cmap="Blues")
+    n = len(labels)
+    ax.set_xticks(range(n), labels, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    peak = max(max(row) for row in matrix) or 1
+    for i in range(n):
+        for j in range(n):
+            color = "white" if matrix[i][j] > peak / 2 else "black"
+            ax.text(j, i, str(matrix[i][j]), ha="center", va="center", color=color, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+class FaultClassifier(L.LightningModule):
+    """Trains a FaultNet: class-weighted cross-entropy (optional label smoothing), waveform
+    augmentation + mixup on the batch (training only), torchmetrics on val/test.
+
+    Batches are `(waves [B, T] float32, labels [B] int64)`. All constructor arguments are
+    plain values (Hydra configs are converted), and are what the checkpoint stores.
+    """
+
+    def __init__(
+        self,
+        net: Mapping[str, Any],
+        num_classes: int = NUM_LABELS,
+        sample_rate: int = 16_000,
+        clip_samples: int = 80_000,
+        labels: list[str] | None = None,
+        class_weights: list[float] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        augment: Mapping[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        net = plain(net)
+        self.net = build_net(
+            {
+                **net,
+                "num_classes": num_classes,
+                "sample_rate": sample_rate,
+                "clip_samples": clip_samples,
+            }
+        )
+        labels = list(plain(labels) or LABELS[:num_classes])
+        if len(labels) != num_classes:
+            raise ConfigError(f"{len(labels)} labels given for num_classes={num_classes}.")
+        augment = dict(plain(augment) or {})
+        self.mixup_alpha = float(augment.pop("mixup_alpha", 0.0))
+        self.mixup_p = float(augment.pop("mixup_p", 0.0))
+        self.wave_augment = WaveAugment(sample_rate=sample_rate, **augment)
+        hp = {
+            # the resolved spec (for wav2vec2 it carries the encoder config: no hub on reload)
+            "net": {k: self.net.spec[k] for k in ("frontend", "backbone", "head")},
+            "num_classes": int(num_classes),
+            "sample_rate": int(sample_rate),
+            "clip_samples": int(clip_samples),
+            "labels": labels,
+            "class_weights": [float(w) for w in class_weights] if class_weights else None,
+            "optimizer": dict(plain(optimizer) or {"name": "adamw", "lr": 1e-3}),
+            "scheduler": dict(plain(scheduler) or {"name": "none"}),
+            "augment": {
+                **augment,
+                "mixup_alpha": self.mixup_alpha,
+                "mixup_p": self.mixup_p,
+            },
+            "label_smoothing": float(label_smoothing),
+        }
+        self.save_hyperparameters(hp)
+        weights = torch.tensor(hp["class_weights"]) if hp["class_weights"] else None
+        self.register_buffer("class_weights", weights, persistent=False)
+
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self.val_metrics = _metrics(num_classes, "val/")
+        self.test_metrics = _metrics(num_classes, "test/")
+        self.val_confmat = MulticlassConfusionMatrix(num_classes)
+        self.test_confmat = MulticlassConfusionMatrix(num_classes)
+        self.val_f1_best = MaxMetric()
+        self.val_f1_best.persistent(True)  # resume keeps the best-so-far
+        self.confusion: dict[str, list[list[int]]] = {}
+
+    # --- what the registry and serving need -------------------------------------------
+    def net_spec(self) -> dict[str, Any]:
+        """The plain dict `build_net` turns back into this model's FaultNet."""
+        return dict(self.net.spec)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.hparams["labels"])
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.net(wave)
+
+    # --- steps --------------------------------------------------------------------------
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(
+            logits,
+            target,
+            weight=self.class_weights,
+            label_smoothing=self.hparams["label_smoothing"],
+        )
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        wave, target = batch
+        wave = self.wave_augment(wave)
+        if self.mixup_alpha > 0 and torch.rand(()) < self.mixup_p:
+            wave, target_a, target_b, lam = mixup(wave, target, self.mixup_alpha)
+            logits = self.net(wave)
+            loss = lam * self._loss(logits, target_a) + (1 - lam) * self._loss(logits, target_b)
+        else:
+            loss = self._loss(self.net(wave), target)
+        self.train_loss(loss.detach())
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        wave, target = batch
+        logits = self.net(wave)
+        loss_metric = self.val_loss if stage == "val" else self.test_loss
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        confmat = self.val_confmat if stage == "val" else self.test_confmat
+        loss_metric(self._loss(logits, target), weight=target.numel())
+        preds = logits.argmax(dim=1)
+        metrics.update(preds, target)
+        confmat.update(preds, target)
+        self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        f1 = self.val_metrics["f1_macro"].compute()
+        if not self.trainer.sanity_checking:
+            self.val_f1_best(f1)
+        best = self.val_f1_best.compute() if self.val_f1_best.update_count else f1
+        self.log("val/f1_macro_best", best, sync_dist=True, prog_bar=True)
+        self._confusion("val", self.val_confmat)
+
+    def on_test_epoch_end(self) -> None:
+        self._confusion("test", self.test_confmat)
+
+    def _confusion(self, stage: str, confmat: MulticlassConfusionMatrix) -> None:
+        matrix = confmat.compute().tolist()  # synced across ranks by torchmetrics
+        confmat.reset()
+        self.confusion[stage] = matrix
+        if self.trainer.sanity_checking or self.global_rank != 0:
+            return
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                import matplotlib.pyplot as plt
+
+                fig = confusion_figure(matrix, self.labels, f"{stage} epoch {self.current_epoch}")
+                logger.log_image(key=f"{stage}/confusion_matrix", images=[fig])
+                plt.close(fig)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Each checkpoint carries the val metrics it was saved with (eval reproduces them)
+        # and the plain spec + labels the registry exports; all primitives.
+        checkpoint["metrics"] = {
+            k: float(v)
+            for k, v in self.trainer.callback_metrics.items()
+            if k.startswith("val/") and torch.as_tensor(v).numel() == 1
+        }
+        checkpoint["net_spec"] = self.net_spec()
+        checkpoint["labels"] = self.labels
+
+    # --- optimization -------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt_cfg = dict(self.hparams["optimizer"])
+        name = opt_cfg.pop("name", "adamw").lower()
+        lr = float(opt_cfg.pop("lr", 1e-3))
+        weight_decay = float(opt_cfg.pop("weight_decay", 0.0))
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        # No weight decay on norms and biases: decaying them only hurts small nets.
+        groups = [
+            {"params": [p for _, p in trainable if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for _, p in trainable if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+        if name == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=lr, **opt_cfg)
+        elif name == "adam":
+            optimizer = torch.optim.Adam(groups, lr=lr, **opt_cfg)
+        elif name == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=lr, **{"momentum": 0.9, **opt_cfg})
+        else:
+            raise ConfigError(f"model.optimizer.name={name!r}: choose adamw, adam or sgd.")
+
+        sched_cfg = dict(self.hparams["scheduler"])
+        kind = sched_cfg.pop("name", "none").lower()
+        if kind == "none":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if kind == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=lr, total_steps=total, **sched_cfg
+            )
+        elif kind == "cosine":
+            warmup = int(float(sched_cfg.pop("warmup_fraction", 0.05)) * total)
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=max(1, total - warmup), **sched_cfg
+            )
+            if warmup:
+                ramp = torch.optim.lr_scheduler.LinearLR(optimizer, 0.01, 1.0, warmup)
+                scheduler = torch.optim.lr_scheduler.SequentialLR(
+                    optimizer, [ramp, cosine], milestones=[warmup]
+                )
+            else:
+                scheduler = cosine
+        else:
+            raise ConfigError(
+                f"model.scheduler.name={kind!r}: choose onecycle, cosine or none."
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

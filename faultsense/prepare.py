@@ -1,0 +1,106 @@
+"""`faultsense-data`: prepare the manifest + waveform cache and print clip counts per label
+and per fold. e.g. `faultsense-data data.source=../shared/datasets/esc50-16k`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from .errors import FaultSenseError
+
+# Absolute: a relative config_path breaks when run through the installed console script.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def prepare(cfg: DictConfig) -> dict[str, Any]:
+    """Instantiate `cfg.data`, run prepare_data + setup, return a summary (counts per label/fold)."""
+    from .data.datamodule import build_datamodule
+
+    start = time.perf_counter()
+    dm = build_datamodule(cfg.data)
+    dm.prepare_data()
+    dm.setup()
+    rows = [r for c in dm.caches for r in c.rows]
+    stats = dm.stats
+    return {
+        "root": str(stats.root) if stats else None,
+        "source_clips": stats.clips if stats else 0,
+        "mapped": stats.mapped if stats else 0,
+        "uploads": sum(r.source == "upload" for r in rows),
+        "skipped": [s["path"] for c in dm.caches for s in c.skipped]
+        + (stats.skipped if stats else []),
+        "counts": Counter((r.label, r.fold) for r in rows),
+        "labels": dm.labels,
+        "folds": sorted({r.fold for r in rows}),
+        "splits": {
+            "train": len(dm.train_set or ()),
+            "val": len(dm.val_set or ()),
+            "test": len(dm.test_set or ()),
+        },
+        "val_fold": dm.val_fold,
+        "test_fold": dm.test_fold,
+        "has_test": dm.has_test,
+        "manifest": str(dm.manifest_path),
+        "caches": [str(c.path) for c in dm.caches],
+        "fingerprint": dm.fingerprint,
+        "mapping_unmapped": dm.mapping["unmapped"],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def report(summary: dict[str, Any]) -> str:
+    """The summary as text: a label x fold table plus where things were written."""
+    folds = summary["folds"]
+    heads = [("uploads" if f == 0 else f"fold {f}") for f in folds]
+    width = max(len(label) for label in summary["labels"]) + 2
+    lines = [
+        f"source: {summary['root']}",
+        f"clips in source: {summary['source_clips']}, mapped: {summary['mapped']} "
+        f"(unmapped: {summary['mapping_unmapped']}), uploads: {summary['uploads']}",
+        "",
+        "label".ljust(width) + "".join(h.rjust(9) for h in heads) + "total".rjust(9),
+    ]
+    counts = summary["counts"]
+    for label in summary["labels"]:
+        per_fold = [counts.get((label, f), 0) for f in folds]
+        lines.append(
+            label.ljust(width) + "".join(f"{n:9d}" for n in per_fold) + f"{sum(per_fold):9d}"
+        )
+    totals = [sum(counts.get((label, f), 0) for label in summary["labels"]) for f in folds]
+    lines.append("total".ljust(width) + "".join(f"{n:9d}" for n in totals) + f"{sum(totals):9d}")
+    s = summary["splits"]
+    test = (
+        f"test (fold {summary['test_fold']}) {s['test']}" if summary["has_test"] else "no test fold"
+    )
+    lines += [
+        "",
+        f"splits: train {s['train']}, val (fold {summary['val_fold']}) {s['val']}, {test}",
+        f"manifest: {summary['manifest']}",
+        "cache: " + ", ".join(summary["caches"]),
+        f"fingerprint: {summary['fingerprint'][:16]}",
+        f"done in {summary['seconds']:.1f} s",
+    ]
+    if summary["skipped"]:
+        lines.append(
+            f"skipped {len(summary['skipped'])} bad clip(s): " + ", ".join(summary["skipped"])
+        )
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")
+def main(cfg: DictConfig) -> None:
+    try:
+        print(report(prepare(cfg)))
+    except FaultSenseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
