@@ -51,5 +51,15 @@ app:  ## the web app over a running server (http://127.0.0.1:7860)
 demo:  ## offline first run: synthetic data, a small model, then server + app (Ctrl-C stops)
 	$(RUN) python -m serving.demo $(ARGS)
 
+# Headless Locust against a running server (`make serve` first); CSV stats in logs/loadtest.
+LOADTEST_HOST ?= http://127.0.0.1:8000
+LOADTEST_USERS ?= 32
+LOADTEST_TIME ?= 60s
+loadtest:  ## headless Locust on a running server, CSV to logs/loadtest
+	@mkdir -p logs/loadtest
+	$(RUN) locust -f serving/locustfile.py --headless --host $(LOADTEST_HOST) \
+		-u $(LOADTEST_USERS) -r $(LOADTEST_USERS) -t $(LOADTEST_TIME) \
+		--csv logs/loadtest/faultsense --only-summary $(ARGS)
+
 clean:
 	rm -rf outputs multirun logs wandb .pytest_cache .ruff_cache

@@ -138,7 +138,9 @@ def main() -> None:
     print(f"\nPredictor.predict end to end (fast_path={predictor.fast_path}):")
     print(f"  batch 1:  {b1 * 1e3:.2f} ms per clip")
     print(f"  batch 32: {32 / b32:.1f} clips/s ({b32 / 32 * 1e3:.2f} ms per clip)")
-    print(f"  one {6 * clip / int(spec['sample_rate']):.0f} s clip ({windows} windows): {long_s * 1e3:.1f} ms")
+    print(
+        f"  one {6 * clip / int(spec['sample_rate']):.0f} s clip ({windows} windows): {long_s * 1e3:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

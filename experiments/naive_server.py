@@ -66,8 +66,17 @@ def main() -> None:
     parser.add_argument("--registry", default="models")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
-    uvicorn.run(build_app(args.registry), host=args.host, port=args.port, log_level="warning", access_log=False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    uvicorn.run(
+        build_app(args.registry),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

@@ -83,12 +83,16 @@ def _predict(args: argparse.Namespace) -> None:
         )
         if args.windows and len(r["windows"]) > 1:
             for w in r["windows"]:
-                print(f"  [{w['start_s']:7.2f}-{w['end_s']:7.2f} s] {w['label']} {w['confidence']:.3f}")
+                print(
+                    f"  [{w['start_s']:7.2f}-{w['end_s']:7.2f} s] {w['label']} {w['confidence']:.3f}"
+                )
 
 
 def _fmt_metrics(metrics: dict[str, Any]) -> str:
     keys = ("val/f1_macro", "val/acc", "test/f1_macro", "test/acc")
-    return "  ".join(f"{k}={metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), int | float))
+    return "  ".join(
+        f"{k}={metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), int | float)
+    )
 
 
 def _models(args: argparse.Namespace) -> None:

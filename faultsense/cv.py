@@ -132,7 +132,6 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def cv_folds(overrides: list[str]) -> list[int]:
     """Folds to rotate as val: those the configured source holds, minus the test fold."""
-    import hydra
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -141,7 +140,9 @@ def cv_folds(overrides: list[str]) -> list[int]:
     single = [o.input_line for o in parsed if not o.is_sweep_override()]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=single)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    from .data.datamodule import build_datamodule
+
+    datamodule = build_datamodule(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     test_fold = cfg.data.get("test_fold")
@@ -160,7 +161,10 @@ def run_cv(overrides: list[str], sweep_dir: str | None = None) -> dict[str, Any]
         raise ConfigError("faultsense-cv sets data.val_fold itself; drop that override.")
     folds = cv_folds(overrides)
     sweep_dir = sweep_dir or str(
-        Path(os.environ.get("FAULTSENSE_ROOT", ".")) / "logs" / "cv" / time.strftime("%Y-%m-%d_%H-%M-%S")
+        Path(os.environ.get("FAULTSENSE_ROOT", "."))
+        / "logs"
+        / "cv"
+        / time.strftime("%Y-%m-%d_%H-%M-%S")
     )
     cmd = [
         sys.executable,
@@ -176,7 +180,9 @@ def run_cv(overrides: list[str], sweep_dir: str | None = None) -> dict[str, Any]
     started = time.perf_counter()
     done = subprocess.run(cmd)
     if done.returncode != 0:
-        raise FaultSenseError(f"The fold multirun failed (exit {done.returncode}); see {sweep_dir}.")
+        raise FaultSenseError(
+            f"The fold multirun failed (exit {done.returncode}); see {sweep_dir}."
+        )
     report = aggregate(sweep_dir)
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     _atomic_write(Path(sweep_dir) / "cv.json", json.dumps(report, indent=2))

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from .errors import ConfigError, ModelError
-from .train import _floats, run_cli
+from .train import _floats, instantiate, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.get("seed", 42), workers=True)
     stored = load_checkpoint_metrics(ckpt)
     model = FaultClassifier.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    from .data.datamodule import build_datamodule
+
+    datamodule = build_datamodule(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     if list(datamodule.labels) != model.labels:
@@ -55,7 +57,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"The checkpoint was trained on labels {model.labels}, the data has "
             f"{list(datamodule.labels)}; pass the data.* overrides of the training run."
         )
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
     metrics = _floats(trainer.validate(model, datamodule=datamodule, verbose=False)[0], ("val/",))
     if datamodule.has_test:
         metrics.update(_floats(trainer.test(model, datamodule=datamodule)[0], ("test/",)))

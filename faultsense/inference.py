@@ -7,10 +7,11 @@ and the clip's probabilities are the mean over its windows. All windows of all c
 a call go through the network together, in chunks of at most `max_batch` windows to
 bound memory.
 
-Fast path: measured with `experiments/bench_predict.py` on one CPU core; a traced,
-frozen TorchScript graph (`fast_path="jit"`, BN folded into convs) beat eager,
-channels-last and `torch.compile` at batch 1 and was close to `torch.compile` at batch
-32 without its ~45 s warm-up and per-shape recompiles, so it is the default. If tracing
+Fast path: measured with `experiments/bench_predict.py` on one CPU core (figures in
+experiments/README.md); a traced, frozen TorchScript graph (`fast_path="jit"`, BN folded
+into convs) beat eager, channels-last and `torch.compile` at batch 1 and was on par with
+them at batch 32, without compile's ~1 min warm-up per process and per batch shape
+(which would also stall every hot reload), so it is the default. If tracing
 fails or changes the outputs (e.g. a backbone that cannot be traced), the Predictor
 falls back to eager mode and logs why.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ import numpy as np
 
 from .audio import AudioSource, decode, sliding_windows
 from .errors import AudioError, ConfigError
-from .registry import REGISTRY_FILE, Bundle, Registry
+from .registry import Bundle, Registry
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +73,10 @@ def build_runner(net: nn.Module, clip_samples: int, fast_path: str = DEFAULT_FAS
         return net.to(memory_format=torch.channels_last), "channels_last"
     example = torch.randn(3, clip_samples, generator=torch.Generator().manual_seed(0)) * 0.1
     try:
-        with torch.no_grad():
+        # TorchScript is deprecated upstream but still the fastest CPU path on the pinned
+        # torch 2.11 (see the module docstring); the warnings would only repeat that.
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", DeprecationWarning)
             traced = torch.jit.trace(net, example[:2], check_trace=False)
             runner = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
             with torch.inference_mode():

@@ -141,6 +141,15 @@ def git_commit() -> str | None:
     return f"{sha}-dirty" if dirty else sha or None
 
 
+def fault_point(name: str) -> None:
+    """Test hook: `FAULTSENSE_FAULT_POINT=<name>` SIGKILLs this process when it reaches
+    `name` (tests/test_fault_injection.py proves a crash there leaves a consistent state)."""
+    if os.environ.get("FAULTSENSE_FAULT_POINT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def check_version(version: str) -> str:
     """Return `version` if it looks like `v<N>`; it is used as a folder name, so be strict."""
     if not isinstance(version, str) or not _VERSION_RE.match(version):
@@ -225,7 +234,9 @@ class Bundle:
         try:
             return load(data)
         except (SafetensorError, ValueError) as err:
-            raise RegistryError(f"Bundle {self.version}: {self.weights_path} is corrupt: {err}")
+            raise RegistryError(
+                f"Bundle {self.version}: {self.weights_path} is corrupt: {err}"
+            ) from None
 
     def load_net(self) -> nn.Module:
         """Verify sha256, rebuild the FaultNet from `net_spec` and load the weights; eval mode."""
@@ -261,7 +272,13 @@ class Registry:
         try:
             text = self.state_path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return {"format": FORMAT, "current": None, "versions": [], "promoted": [], "history": []}
+            return {
+                "format": FORMAT,
+                "current": None,
+                "versions": [],
+                "promoted": [],
+                "history": [],
+            }
         except OSError as err:
             raise RegistryError(f"Cannot read {self.state_path}: {err.strerror or err}") from None
         try:
@@ -375,8 +392,9 @@ class Registry:
 
         `meta` needs `net_spec`, `labels`, `sample_rate`, `clip_samples`; the registry sets
         `version`, `weights_sha256`, `created_at`, `git_commit` and `onnx` itself, and
-        `parent_version` to the current version unless `meta` names one. With `onnx`, the same module
-        is exported to ONNX and checked against PyTorch before anything is registered.
+        `parent_version` to the current version unless `meta` names one. With `onnx`, the
+        same module is exported to ONNX and checked against PyTorch before anything is
+        registered (a failed export or parity check raises ModelError; nothing is written).
         """
         missing = [k for k in REQUIRED_META if k not in meta]
         if missing:
@@ -402,6 +420,7 @@ class Registry:
                 self._write_bundle_json(staging / BUNDLE_FILE, bundle)
                 os.replace(staging, self.root / version)
                 _fsync_dir(self.root)
+                fault_point("registry_commit")  # bundle in place, registry.json not yet
                 state["versions"].append(version)
                 self._record(state, "register", version, reason)
                 if promote:
@@ -526,7 +545,9 @@ def export_checkpoint(ckpt_path: str | os.PathLike[str]) -> tuple[nn.Module, dic
         try:
             spec = FaultClassifier(**hparams).net_spec()
         except Exception as err:
-            raise ModelError(f"Checkpoint {path}: cannot rebuild the model from its hparams: {err}")
+            raise ModelError(
+                f"Checkpoint {path}: cannot rebuild the model from its hparams: {err}"
+            ) from None
     prefix = "net."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     net = build_net(copy.deepcopy(spec))
@@ -660,9 +681,8 @@ def export_onnx(net: nn.Module, meta: Mapping[str, Any], path: Path) -> dict[str
             dynamo=True,
             input_names=["waveform"],
             output_names=["logits"],
-            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}}
-            if _forward_arg(net) == "x"
-            else None,
+            # Any batch size; the time axis stays clip_samples (the Predictor's window).
+            dynamic_shapes={_forward_arg(net): {0: torch.export.Dim("batch", min=1, max=4096)}},
             opset_version=opset,
             external_data=False,
             verbose=False,
@@ -670,7 +690,10 @@ def export_onnx(net: nn.Module, meta: Mapping[str, Any], path: Path) -> dict[str
         program.save(str(path), external_data=False)
     except Exception as err:
         raise ModelError(f"ONNX export of {type(net).__name__} failed: {err}") from None
-    diff = onnx_parity(net, path, clip)
+    try:
+        diff = onnx_parity(net, path, clip)
+    except Exception as err:  # onnxruntime raises its own error types
+        raise ModelError(f"Exported ONNX model cannot be run by onnxruntime: {err}") from None
     if not np.isfinite(diff) or diff > ONNX_PARITY_ATOL:
         raise ModelError(
             f"ONNX export differs from PyTorch by {diff:.3g} (> {ONNX_PARITY_ATOL:g}); not registered."
@@ -681,8 +704,7 @@ def export_onnx(net: nn.Module, meta: Mapping[str, Any], path: Path) -> dict[str
 def _forward_arg(net: nn.Module) -> str:
     import inspect
 
-    params = list(inspect.signature(net.forward).parameters)
-    return params[0] if params else "x"
+    return next(iter(inspect.signature(net.forward).parameters), "x")
 
 
 def onnx_parity(net: nn.Module, path: Path, clip_samples: int, batch: int = 3) -> float:

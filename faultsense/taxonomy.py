@@ -13,7 +13,9 @@ def validate_label(label: str) -> str:
     """Return `label` stripped if it is one of LABELS, else raise LabelError naming the choices."""
     cleaned = str(label).strip()
     if cleaned not in LABEL_TO_INDEX:
-        raise LabelError(f"Unknown label {label!r}. Expected one of: {', '.join(LABELS)}.")
+        # Quote at most 80 characters: a request can send a megabyte as its "label".
+        shown = repr(label) if len(str(label)) <= 80 else repr(str(label)[:80]) + "..."
+        raise LabelError(f"Unknown label {shown}. Expected one of: {', '.join(LABELS)}.")
     return cleaned
 
 

@@ -61,10 +61,23 @@ def _wandb_key() -> bool:
         return False
 
 
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, but a FaultSenseError raised inside comes out as itself
+    (Hydra wraps it in InstantiationException), so CLIs print it cleanly."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, FaultSenseError):
+            raise err.__cause__ from None
+        raise
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
-    return [hydra.utils.instantiate(node) for node in group.values() if node and "_target_" in node]
+    return [instantiate(node) for node in group.values() if node and "_target_" in node]
 
 
 def _hydra_job_info() -> dict[str, Any]:
@@ -85,11 +98,13 @@ def train(cfg: DictConfig) -> TrainResult:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    datamodule = hydra.utils.instantiate(cfg.data)
+    from .data.datamodule import build_datamodule
+
+    datamodule = build_datamodule(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     class_weights = list(datamodule.class_weights) if cfg.get("class_weighted", True) else None
-    model = hydra.utils.instantiate(
+    model = instantiate(
         cfg.model,
         num_classes=len(datamodule.labels),
         labels=list(datamodule.labels),
@@ -104,9 +119,7 @@ def train(cfg: DictConfig) -> TrainResult:
         from lightning.pytorch.callbacks import LearningRateMonitor
 
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False
-    )
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     result = TrainResult()
     result.output_dir = str(output_dir)
     try:
@@ -118,13 +131,14 @@ def train(cfg: DictConfig) -> TrainResult:
         epochs = int(trainer.current_epoch)
         result.update(_floats(trainer.callback_metrics, ("train/", "val/f1_macro_best")))
 
-        ckpt = trainer.checkpoint_callback
-        best = ckpt.best_model_path if ckpt is not None else ""
+        best = _best_checkpoint(trainer)
         result.best_ckpt_path = str(best)
         # The reported val metrics are the best checkpoint's (the model one would ship),
         # not the last epoch's.
         if best:
-            validated = trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+            validated = trainer.validate(
+                model, datamodule=datamodule, ckpt_path=best, verbose=False
+            )
             best_so_far = result.get("val/f1_macro_best")
             result.update(_floats(validated[0], ("val/",)))
             if best_so_far is not None:
@@ -152,13 +166,23 @@ def train(cfg: DictConfig) -> TrainResult:
                     ckpt_path=best, datamodule=datamodule, cfg=cfg, metrics=dict(result)
                 )
                 log.info("registered %s as %s", best, result.version)
-            _write_summary(output_dir / "metrics.json", cfg, result, datamodule, model, fit_seconds, epochs)
+            _write_summary(
+                output_dir / "metrics.json", cfg, result, datamodule, model, fit_seconds, epochs
+            )
     finally:
         if "wandb" in sys.modules:
             import wandb
 
             wandb.finish()
     return result
+
+
+def _best_checkpoint(trainer: L.Trainer) -> str:
+    """Best path of the first ModelCheckpoint that monitors a metric ('' if none)."""
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "monitor", None) and callback.best_model_path:
+            return str(callback.best_model_path)
+    return ""
 
 
 def _floats(metrics: Any, prefixes: tuple[str, ...]) -> dict[str, float]:

@@ -11,6 +11,7 @@ the model computes its own features inside the bundle on the server.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -25,6 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from faultsense.errors import FaultSenseError
 from faultsense.taxonomy import LABELS
+
+# Absolute, so the installed `faultsense-app` script finds configs/ from any module path.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -385,7 +389,7 @@ def model_rows(models: Mapping[str, Any]) -> list[list[Any]]:
         metrics = _scalar_metrics(v.get("metrics"))
         rows.append(
             [
-                "✅ current" if v.get("current") else "",
+                "yes" if v.get("current") else "",
                 v.get("version", "?"),
                 str(v.get("created_at") or "")[:19],
             ]
@@ -425,10 +429,9 @@ def comparison_rows(decision: Mapping[str, Any]) -> list[list[str]]:
 
 def job_markdown(job: Mapping[str, Any]) -> str:
     state = job.get("state", "?")
-    icon = {"queued": "⏳", "running": "🔄", "succeeded": "✅", "failed": "❌"}.get(state, "•")
     epoch, max_epochs = job.get("epoch"), job.get("max_epochs")
     progress = f" · epoch {epoch}/{max_epochs}" if epoch is not None and max_epochs else ""
-    lines = [f"### {icon} job `{job.get('job_id', '?')}`: {state}{progress}"]
+    lines = [f"### job `{job.get('job_id', '?')}`: {state}{progress}"]
     if job.get("metrics"):
         lines.append(_metrics_md(job["metrics"]))
     if job.get("error"):
@@ -440,9 +443,11 @@ def decision_markdown(decision: Mapping[str, Any] | None) -> str:
     if not decision:
         return ""
     if decision.get("promoted"):
-        head = f"✅ **Promoted** {decision.get('version') or decision.get('new_version') or ''}".rstrip()
+        head = (
+            f"**Promoted** {decision.get('version') or decision.get('new_version') or ''}".rstrip()
+        )
     else:
-        head = "🛑 **Kept the current model**"
+        head = "**Kept the current model**"
     return f"{head}: {decision.get('reason', '')}"
 
 
@@ -700,7 +705,7 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
         except ServerUnavailable as err:
             return models_view(warn(err))
         gr.Info(f"{current} is now current.")
-        return models_view(f"✅ Promoted **{current}**: it serves from the next batch.")
+        return models_view(f"Promoted **{current}**: it serves from the next batch.")
 
     def rollback():
         try:
@@ -708,7 +713,7 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
         except ServerUnavailable as err:
             return models_view(warn(err))
         gr.Info(f"Rolled back to {current}.")
-        return models_view(f"↩️ Rolled back: **{current}** is current.")
+        return models_view(f"Rolled back: **{current}** is current.")
 
     # ---- Insights
     def insights(toast: bool = True):
@@ -762,7 +767,12 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
         for what, why in (report.get("missing") or {}).items():
             notes.append(f"No {what.replace('_', ' ')} for this model: {why}.")
         dataset = report.get("dataset") or {}
-        dist = distribution_figure(dataset, uploads) if dataset or uploads else None
+        has_uploads = any(int(n) for n in uploads.values())
+        dist = (
+            distribution_figure(dataset, uploads if has_uploads else None)
+            if dataset or has_uploads
+            else None
+        )
         curves = curves_figure(report["curves"]) if report.get("curves") else None
         confusion = (
             confusion_figure(report["confusion_matrix"]) if report.get("confusion_matrix") else None
@@ -839,7 +849,7 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
                 )
                 counts_table = gr.Dataframe(
                     value=count_rows({}), headers=["label", "uploaded clips ready for retraining"],
-                    label="Uploads per label", interactive=False,
+                    label="Uploads per label", interactive=False, elem_id="upload-counts",
                 )  # fmt: skip
                 upload_btn.click(
                     upload,
@@ -855,8 +865,8 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
                 )
                 with gr.Row():
                     epochs = gr.Number(
-                        value=retrain_cfg.get("default_epochs"), precision=0, minimum=1,
-                        label="Epochs (empty: server default)",
+                        value=retrain_cfg.get("default_epochs") or 0, precision=0, minimum=0,
+                        label="Epochs (0: the server's default)",
                     )  # fmt: skip
                     force = gr.Checkbox(label="Force promotion (skip the gate)", value=False)
                     retrain_btn = gr.Button("Retrain", variant="primary", elem_id="retrain-button")
@@ -878,7 +888,10 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
             with gr.Tab("Models", id="models"):
                 models_status = gr.Markdown(elem_id="models-status")
                 models_table = gr.Dataframe(
-                    headers=model_headers, label="Versions (newest first)", interactive=False
+                    headers=model_headers,
+                    label="Versions (newest first)",
+                    interactive=False,
+                    elem_id="models-table",
                 )
                 with gr.Row():
                     version_choice = gr.Dropdown([], label="Version", interactive=True)
@@ -917,7 +930,9 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
                 for label in LABELS:
                     with gr.Row():
                         example_texts.append(gr.Markdown(f"**{label}**"))
-                        example_plots.append(gr.Plot(label=f"{label}: waveform, log-mel, MFCC"))
+                        example_plots.append(
+                            gr.Plot(label=f"{label}: waveform, log-mel, MFCC", show_label=False)
+                        )
                 insights_outputs = [
                     insights_status, distribution_plot, curves_plot, confusion_plot,
                     per_label_table, upload_stats, *example_texts, *example_plots,
@@ -929,12 +944,14 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
             models = models_view(toast=False)
             if models[0].startswith("⚠️"):
                 gr.Warning(models[0].strip("⚠️ *"))
-            return (*models, upload_counts(), *insights(toast=False))
+            return (*models, upload_counts())
 
+        app.load(on_load, None, [*models_outputs, counts_table], api_visibility="private")
+        # Separate, so the slower Insights figures never hold up the other tabs.
         app.load(
-            on_load,
+            functools.partial(insights, toast=False),
             None,
-            [*models_outputs, counts_table, *insights_outputs],
+            insights_outputs,
             api_visibility="private",
         )
     return app
@@ -944,6 +961,7 @@ def launch_app(cfg: DictConfig, *, block: bool = True) -> gr.Blocks:
     """Build and serve the app on cfg.host:cfg.port; never opens a share link."""
     import gradio as gr
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per server call is noise
     app = build_app(cfg)
     app.queue(default_concurrency_limit=int(cfg.concurrency_limit))
     auth = None
@@ -968,7 +986,7 @@ def launch_app(cfg: DictConfig, *, block: bool = True) -> gr.Blocks:
     return app
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="app")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="app")
 def main(cfg: DictConfig) -> None:
     launch_app(cfg)
 

@@ -26,6 +26,9 @@ from omegaconf import DictConfig
 from faultsense.errors import ConfigError, FaultSenseError
 from faultsense.taxonomy import LABELS
 
+# Absolute, so the installed `faultsense-app` script finds configs/ from any module path.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
 
 def say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
@@ -150,8 +153,17 @@ def demo(cfg: DictConfig) -> None:
     app_url = f"http://{host}:{app_port}"
     server = app = None
     try:
+        # Retraining from the app fine-tunes on the same synthetic data (offline).
+        retrain_overrides = f"retrain.overrides=['experiment={cfg.demo.experiment}']"
         server = start(
-            [sys.executable, "-m", "serving.server", f"host={host}", f"port={server_port}"]
+            [
+                sys.executable,
+                "-m",
+                "serving.server",
+                f"host={host}",
+                f"port={server_port}",
+                retrain_overrides,
+            ]
         )
         wait_http(f"{server_url}/health", server, "server", float(cfg.demo.startup_timeout_s))
         app = start(
@@ -182,7 +194,7 @@ def _terminate_as_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="app")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="app")
 def main(cfg: DictConfig) -> None:
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:

@@ -112,13 +112,13 @@ class ServeSettings:
     accelerator: str = "cpu"
     devices: int | str = "auto"
     workers_per_device: int = 1
-    num_api_servers: int = 1
+    num_api_servers: int = 2
     torch_threads: int = 1
     max_batch_size: int = 32
     batch_timeout: float = 0.005
     request_timeout: float = 60.0
-    fast_queue: bool = False
     reload_check_s: float = 0.0
+    restart_workers: bool = True
     max_request_bytes: int = 25 * 2**20
     max_upload_request_bytes: int = 100 * 2**20
     max_predict_seconds: float = 600.0
@@ -155,8 +155,8 @@ class ServeSettings:
             max_batch_size=int(s["max_batch_size"]),
             batch_timeout=float(s["batch_timeout"]),
             request_timeout=float(s["request_timeout"]),
-            fast_queue=bool(s["fast_queue"]),
             reload_check_s=float(s["reload_check_s"]),
+            restart_workers=bool(s.get("restart_workers", True)),
             max_request_bytes=int(lim["max_request_bytes"]),
             max_upload_request_bytes=int(lim["max_upload_request_bytes"]),
             max_predict_seconds=float(lim["max_predict_seconds"]),
@@ -217,8 +217,14 @@ class FaultSenseAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         import torch
+
         from faultsense.inference import Predictor
 
+        if not logging.getLogger().handlers:  # a spawned worker starts with no logging config
+            logging.basicConfig(
+                level=self.settings.log_level.upper(),
+                format="%(asctime)s %(levelname)s %(name)s [worker]: %(message)s",
+            )
         # One thread per worker: the uvicorn processes and other workers need the other cores.
         torch.set_num_threads(max(1, self.settings.torch_threads))
         kwargs = {}
@@ -396,13 +402,16 @@ def build_server(cfg: DictConfig | ServeSettings) -> ls.LitServer:
 
     stats = mp.get_context("spawn").Array("q", STAT_SLOTS, lock=True)
     api = FaultSenseAPI(settings, stats)
+    # LitServe's default transport (Manager queues) is kept on purpose: pipe-backed
+    # multiprocessing queues cost the same CPU per request here, and a worker killed while
+    # holding a queue's lock (kill -9, a native crash) would deadlock the restarted one.
     server = ls.LitServer(
         api,
         accelerator=settings.accelerator,
         devices=settings.devices,
         workers_per_device=settings.workers_per_device,
         timeout=settings.request_timeout,
-        fast_queue=settings.fast_queue,
+        restart_workers=settings.restart_workers,
         model_metadata={"name": "faultsense", "registry": str(Path(settings.registry_dir))},
         middlewares=[
             (
@@ -611,6 +620,14 @@ def _install_routes(
             }
 
         return JSONResponse(await run_in_threadpool(collect))
+
+    @app.get("/insights")
+    async def insights() -> JSONResponse:
+        """The current model's training report for the app's Insights tab (serving/insights.py)."""
+        from serving.insights import training_report
+
+        bundle = await run_in_threadpool(registry.current)
+        return JSONResponse(await run_in_threadpool(training_report, bundle.meta))
 
     def known_version(version: str) -> str:
         from faultsense.registry import check_version

@@ -23,7 +23,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import struct
+import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -224,7 +226,7 @@ def hour_long_wav(seconds: int = HOUR_SECONDS, rate: int = HOUR_RATE) -> Payload
     header = wav_header(rate=rate, data_bytes=body)
     return Payload(
         kind="hour_long",
-        name=f"wav_{seconds}s_streamed",
+        name=f"wav_{seconds}s_{rate}hz_streamed",
         filename="hour.wav",
         content_type="audio/wav",
         stream=lambda: RepeatingAudioFile(header, chunk, body),
@@ -448,7 +450,8 @@ def long_payloads(max_seconds: float) -> list[Payload]:
     over = encode(tone(max_seconds + 2, rate), rate, "WAV", "PCM_16")
     return [
         _p("too_long", f"wav_{max_seconds + 2:g}s", over),
-        hour_long_wav(),
+        hour_long_wav(),  # 115 MB: over the byte limits
+        hour_long_wav(rate=1_000),  # 7 MB: under them, refused by duration
     ]
 
 
@@ -627,11 +630,19 @@ def _req(kind: str, name: str, route: str, expect: str = REJECT, **kwargs: Any) 
     return HostileRequest(kind, name, route, lambda: dict(kwargs), expect)
 
 
-def catalog_request_shapes(max_upload_bytes: int) -> list[HostileRequest]:
-    """Broken request shapes (not broken audio): fields, content types, encodings, sizes."""
+def catalog_request_shapes(max_predict_bytes: int, max_upload_bytes: int) -> list[HostileRequest]:
+    """Broken request shapes (not broken audio): fields, content types, encodings, sizes.
+
+    Bodies over the byte limits are built only when the request is sent (`build()`)."""
     good = valid_wav(0.5, seed=7)
     b64 = base64.b64encode(good).decode()
-    big = b"\x00" * (max_upload_bytes + 1024)
+
+    def big(limit: int) -> bytes:
+        return valid_wav(0.5, seed=8) + b"\x00" * (limit + 1024)
+
+    def lazy(kind: str, name: str, route: str, build: Callable[[], dict]) -> HostileRequest:
+        return HostileRequest(kind, name, route, build)
+
     parts = [("files", (f"p{i}.wav", b"RIFF", "audio/wav")) for i in range(200)]
     reqs = [
         # /predict
@@ -708,24 +719,35 @@ def catalog_request_shapes(max_upload_bytes: int) -> list[HostileRequest]:
             headers={"Content-Type": "multipart/form-data; boundary=zzz"},
         ),
         _req("wrong_content_type", "predict_form_urlencoded", "/predict", data={"file": "a.wav"}),
-        _req(
+        lazy(
             "oversized",
             "predict_raw_over_limit",
             "/predict",
-            content=big,
-            headers={"Content-Type": "application/octet-stream"},
+            lambda: {
+                "content": big(max_predict_bytes),
+                "headers": {"Content-Type": "application/octet-stream"},
+            },
         ),
-        _req(
+        lazy(  # no Content-Length: the limit must hold while streaming
+            "oversized",
+            "predict_raw_chunked_over_limit",
+            "/predict",
+            lambda: {
+                "content": iter([big(max_predict_bytes)]),
+                "headers": {"Content-Type": "audio/wav"},
+            },
+        ),
+        lazy(
             "oversized",
             "predict_multipart_over_limit",
             "/predict",
-            files={"file": ("big.wav", big, "audio/wav")},
+            lambda: {"files": {"file": ("big.wav", big(max_predict_bytes), "audio/wav")}},
         ),
-        _req(
+        lazy(
             "oversized",
             "predict_json_over_limit",
             "/predict",
-            json={"audio_base64": base64.b64encode(big).decode()},
+            lambda: {"json": {"audio_base64": base64.b64encode(big(max_predict_bytes)).decode()}},
         ),
         # /upload
         _req("missing_field", "upload_no_body", "/upload"),
@@ -763,12 +785,14 @@ def catalog_request_shapes(max_upload_bytes: int) -> list[HostileRequest]:
             content=good,
             headers={"Content-Type": "multipart/form-data"},
         ),
-        _req(
+        lazy(
             "oversized",
             "upload_file_over_limit",
             "/upload",
-            files=[("files", ("big.wav", big, "audio/wav"))],
-            data={"label": LABELS[0]},
+            lambda: {
+                "files": [("files", ("big.wav", big(max_upload_bytes), "audio/wav"))],
+                "data": {"label": LABELS[0]},
+            },
         ),
         _req("oversized", "upload_200_parts", "/upload", files=parts, data={"label": LABELS[0]}),
         _req(
@@ -789,6 +813,38 @@ def catalog_request_shapes(max_upload_bytes: int) -> list[HostileRequest]:
                 data={"label": label},
             )
         )
+    return reqs
+
+
+def catalog_injection_requests() -> list[HostileRequest]:
+    """Request text aimed at Hydra, the shell and paths on the mutating routes (sent with
+    the API key): each must be refused by validation, and no job may start."""
+    bodies = [
+        {"epochs": "1"},
+        {"epochs": 0},
+        {"epochs": -1},
+        {"epochs": 10**9},
+        {"epochs": 1.5},
+        {"epochs": True},
+        {"epochs": "1 hydra.run.dir=/tmp/pwned"},
+        {"force": "true"},
+        {"force": 1},
+        {"overrides": ["model._target_=os.system"]},
+        {"model": {"_target_": "subprocess.call", "args": ["touch /tmp/pwned"]}},
+        {"epochs": 1, "data": {"source": "/etc"}},
+        {"epochs": 1, "hydra": {"run": {"dir": "/tmp/pwned"}}},
+        ["epochs=1"],
+        "epochs=1",
+    ]
+    reqs = [
+        _req("injection", f"retrain_body_{i}", "/retrain", json=b) for i, b in enumerate(bodies)
+    ]
+    for i, body in enumerate(
+        [{"version": "../../etc"}, {"version": "v1/../v1"}, {"version": 1}, {"other": "v1"}]
+    ):
+        reqs.append(_req("injection", f"rollback_body_{i}", "/models/rollback", json=body))
+    for name in ("..%2F..%2Fetc", "v1;touch%20%2Ftmp%2Fpwned", "v0", "v999", "V1", "%00", "v1%0a"):
+        reqs.append(_req("injection", f"promote_{name}", f"/models/{name}/promote"))
     return reqs
 
 
@@ -837,3 +893,54 @@ def upload_request_strategy(draw: st.DrawFn) -> HostileRequest:
 
 def describe(req: HostileRequest) -> str:
     return json.dumps({"kind": req.kind, "name": req.name[:120], "route": req.route})
+
+
+# ------------------------------------------------------------------ process memory
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (from /proc/<pid>/task/*/children)."""
+    seen, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+            except OSError:
+                pass
+    return seen
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of `pid` and its descendants (VmRSS from /proc/<pid>/status)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+# ------------------------------------------------------------------------ figures
+
+RECORD_ENV = "FAULTSENSE_RELIABILITY_LOG"
+
+
+def record(event: str, **fields: Any) -> None:
+    """Append one JSON line to $FAULTSENSE_RELIABILITY_LOG (if set) for
+    experiments/reliability_report.py; a no-op otherwise."""
+    path = os.environ.get(RECORD_ENV)
+    if not path:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"event": event, "t": time.time(), **fields}, default=str) + "\n")

@@ -240,7 +240,7 @@ CONCURRENT_REGISTER = textwrap.dedent(
 
 
 def test_concurrent_registrations_get_distinct_versions(tmp_path):
-    workers = 4
+    workers = 3
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", CONCURRENT_REGISTER, str(tmp_path), str(w)],
@@ -277,3 +277,36 @@ def test_concurrent_registrations_get_distinct_versions(tmp_path):
     for prev, nxt in zip(promotions, promotions[1:], strict=False):
         assert nxt["previous"] == prev["version"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
+
+
+def test_exported_bundle_gives_identical_logits_to_the_checkpoint(
+    trained_registry, smoke_checkpoint
+):
+    from faultsense.models.classifier import FaultClassifier
+
+    ckpt_path, metrics, _ = smoke_checkpoint
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    module = FaultClassifier(**ckpt["hyper_parameters"])
+    module.load_state_dict(ckpt["state_dict"])
+    module.eval()
+    bundle = Registry(trained_registry).current()
+    net = bundle.load_net()
+    assert not net.training
+    waves = torch.randn(4, bundle.clip_samples, generator=torch.Generator().manual_seed(0)) * 0.1
+    with torch.inference_mode():
+        assert torch.equal(net(waves), module(waves))
+
+    meta = bundle.meta
+    assert meta["labels"] == module.labels
+    assert meta["sample_rate"] == module.hparams["sample_rate"]
+    assert meta["clip_samples"] == module.hparams["clip_samples"]
+    assert meta["net_spec"] == module.net_spec()
+    for key in ("val/f1_macro", "test/f1_macro"):
+        assert meta["metrics"][key] == pytest.approx(metrics[key])
+    assert meta["data_fingerprint"]
+    assert set(meta["mapping"]["classes"]) == set(module.labels)
+    assert meta["config"]["model"]["net"]["backbone"]["_target_"].endswith("FaultCNN")
+    assert meta["created_at"].endswith("+00:00")
+    assert meta["parent_version"] is None
+    history = Registry(trained_registry).history()
+    assert [h["action"] for h in history] == ["register", "promote"]

@@ -15,6 +15,7 @@ file lock.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -93,8 +94,14 @@ def cache_path(cache_root: str | Path, name: str, fp: str) -> Path:
     return Path(cache_root) / f"{name}-{fp[:16]}"
 
 
-def load_cache(path: str | Path, fp: str) -> WaveCache | None:
-    """The complete cache at `path` if it was built for fingerprint `fp`, else None."""
+def load_cache(
+    path: str | Path, fp: str, current_rows: list[ClipRow] | None = None
+) -> WaveCache | None:
+    """The complete cache at `path` if it was built for fingerprint `fp`, else None.
+
+    With `current_rows` (the clips it is loaded for), rows report those clips' current paths:
+    same content, but the source folder may have moved or be spelled differently.
+    """
     path = Path(path)
     try:
         index = json.loads((path / INDEX_FILE).read_text())
@@ -106,6 +113,9 @@ def load_cache(path: str | Path, fp: str) -> WaveCache | None:
             return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if current_rows is not None:
+        current = {r.id: r.path for r in current_rows}
+        rows = [dataclasses.replace(r, path=current.get(r.id, r.path)) for r in rows]
     return WaveCache(
         path, fp, int(index["sample_rate"]), int(index["clip_samples"]), rows, index["skipped"]
     )
@@ -126,7 +136,7 @@ def get_or_build(
     clip unless `skip_bad` (then the clip is reported by name and left out)."""
     fp = fingerprint(rows, sample_rate=sample_rate, clip_samples=clip_samples, mapping=mapping)
     path = cache_path(cache_root, name, fp)
-    cache = load_cache(path, fp)
+    cache = load_cache(path, fp, rows)
     if cache is None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
@@ -135,6 +145,7 @@ def get_or_build(
                 cache = _build(rows, path, fp, sample_rate, clip_samples, skip_bad, progress)
     else:
         log.info("Reusing waveform cache %s (%d clips)", path, len(cache))
+
     for bad in cache.skipped:
         log.warning("Skipped bad clip %s: %s", bad["path"], bad["error"])
     return cache
@@ -156,6 +167,12 @@ def _build(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    import torch
+
+    # One clip is too small to split across threads: intra-op threads only spin against
+    # each other (10x slower on a busy 2-core box), so resample single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     start = time.perf_counter()
     kept: list[ClipRow] = []
     skipped: list[dict[str, str]] = []
@@ -198,6 +215,7 @@ def _build(
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.perf_counter() - start
     log.info("Built waveform cache %s: %d clips in %.1f s", path, len(kept), elapsed)

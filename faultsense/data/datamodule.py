@@ -14,6 +14,7 @@ under DDP Lightning swaps in a DistributedSampler and `batch_size` is per device
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,8 @@ class CachedWaves(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         part, row = self.items[i]
-        wave = self._open()[part][row].astype(np.float32) / wave_cache.INT16_SCALE
+        wave = self._open()[part][row].astype(np.float32)
+        wave *= 1.0 / wave_cache.INT16_SCALE  # exactly as __getitems__ scales
         return torch.from_numpy(wave), torch.tensor(self.labels[i])
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +202,7 @@ class FaultDataModule(LightningDataModule):
             return []
         rows = []
         for r in UploadStore(self.uploads_dir).rows():
-            path = (self.uploads_dir / r["path"]).absolute()
+            path = os.path.abspath(self.uploads_dir / r["path"])
             rows.append(
                 esc50.ClipRow(f"upload-{r['sha256'][:16]}", str(path), "", r["label"], 0, "upload")
             )
@@ -228,7 +230,9 @@ class FaultDataModule(LightningDataModule):
                 )
             else:
                 fp = wave_cache.fingerprint(part_rows, **kwargs)
-                cache = wave_cache.load_cache(wave_cache.cache_path(self.cache_dir, name, fp), fp)
+                cache = wave_cache.load_cache(
+                    wave_cache.cache_path(self.cache_dir, name, fp), fp, part_rows
+                )
                 if cache is None:
                     return []
             caches.append(cache)
@@ -319,8 +323,8 @@ class FaultDataModule(LightningDataModule):
             dataset,
             batch_size=batch_size,
             shuffle=train,
-            # A final batch of one breaks BatchNorm in training; dropping < 1 batch per epoch is harmless.
-            drop_last=train and len(dataset) > batch_size,
+            # A final training batch of one sample breaks BatchNorm; drop only that case.
+            drop_last=train and len(dataset) % batch_size == 1,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,

@@ -181,7 +181,7 @@ def clip_rows(
     (or, with `skip_bad`, reported by name and skipped).
     """
     meta = read_meta(root)
-    audio_dir = (root / "audio").absolute()
+    audio_dir = Path(os.path.abspath(root / "audio"))  # absolute, without "..", symlinks kept
     present = {(r["fold"], (audio_dir / r["filename"]).is_file()) for r in meta}
     folds_with_audio = {fold for fold, exists in present if exists}
     stats = SourceStats(root=root)
@@ -222,7 +222,7 @@ def clip_rows(
         stats.skipped.extend(missing)
     unknown = sorted(set(mapping.category_to_label) - {r["category"] for r in meta})
     if unknown:
-        log.warning("Mapped categories not in %s: %s", root / META_FILE, ", ".join(unknown))
+        log.info("Mapped categories not in %s: %s", root / META_FILE, ", ".join(unknown))
     stats.mapped = len(rows)
     stats.dropped_categories = sorted(dropped)
     return rows, stats

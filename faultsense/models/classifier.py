@@ -171,6 +171,26 @@ def confusion_figure(matrix: list[list[int]], labels: list[str], title: str):
     return fig
 
 
+class _KeepLength:
+    """Mixin for LR schedulers: on resume keep this run's schedule length (a run resumed
+    with a larger max_epochs continues along the longer schedule instead of failing)."""
+
+    _length_keys: tuple[str, ...] = ()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        keep = {k: self.__dict__[k] for k in self._length_keys}
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        self.__dict__.update(keep)
+
+
+class OneCycleLR(_KeepLength, torch.optim.lr_scheduler.OneCycleLR):
+    _length_keys = ("total_steps", "_schedule_phases")
+
+
+class CosineAnnealingLR(_KeepLength, torch.optim.lr_scheduler.CosineAnnealingLR):
+    _length_keys = ("T_max",)
+
+
 class FaultClassifier(L.LightningModule):
     """Trains a FaultNet: class-weighted cross-entropy (optional label smoothing), waveform
     augmentation + mixup on the batch (training only), torchmetrics on val/test.
@@ -359,14 +379,10 @@ class FaultClassifier(L.LightningModule):
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
         if kind == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=lr, total_steps=total, **sched_cfg
-            )
+            scheduler = OneCycleLR(optimizer, max_lr=lr, total_steps=total, **sched_cfg)
         elif kind == "cosine":
             warmup = int(float(sched_cfg.pop("warmup_fraction", 0.05)) * total)
-            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-                optimizer, T_max=max(1, total - warmup), **sched_cfg
-            )
+            cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), **sched_cfg)
             if warmup:
                 ramp = torch.optim.lr_scheduler.LinearLR(optimizer, 0.01, 1.0, warmup)
                 scheduler = torch.optim.lr_scheduler.SequentialLR(
@@ -375,7 +391,8 @@ class FaultClassifier(L.LightningModule):
             else:
                 scheduler = cosine
         else:
-            raise ConfigError(
-                f"model.scheduler.name={kind!r}: choose onecycle, cosine or none."
-            )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+            raise ConfigError(f"model.scheduler.name={kind!r}: choose onecycle, cosine or none.")
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -175,7 +175,9 @@ def build_frontend(spec: dict[str, Any]) -> Frontend:
         )
     augment = spec.pop("spec_augment", None)
     if augment and kind == "waveform":
-        raise ConfigError("model.net.frontend.spec_augment needs a spectral frontend, not 'waveform'.")
+        raise ConfigError(
+            "model.net.frontend.spec_augment needs a spectral frontend, not 'waveform'."
+        )
     try:
         features = _FEATURES[kind](**spec)
     except TypeError as err:

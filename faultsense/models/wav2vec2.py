@@ -74,12 +74,15 @@ class Wav2Vec2Backbone(nn.Module):
                 f"model.net.backbone.freeze={freeze!r}: choose 'feature_encoder' or 'all'."
             )
         if pooling not in ("mean", "attention"):
-            raise ModelError(f"model.net.backbone.pooling={pooling!r}: choose 'mean' or 'attention'.")
+            raise ModelError(
+                f"model.net.backbone.pooling={pooling!r}: choose 'mean' or 'attention'."
+            )
         self.pretrained = pretrained
         self.freeze = freeze
         self.unfreeze_top_k = unfreeze_top_k
         self.pooling = pooling
-        self.encoder = _load_encoder(pretrained, config)
+        # from_pretrained returns eval mode; follow the parent module's mode like any layer.
+        self.encoder = _load_encoder(pretrained, config).train()
         # The feature encoder must stay frozen whatever the config says: it is the part
         # that overfits tiny datasets fastest and costs most memory in backward.
         for p in self.encoder.feature_extractor.parameters():

@@ -1,0 +1,231 @@
+"""Models: frontends, augmentation, FaultNet specs, the backbone allowlist, wav2vec2."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from faultsense.errors import ConfigError, ModelError
+from faultsense.models.classifier import FaultClassifier, build_net
+from faultsense.models.frontend import MFCC, LogMel, SpecAugment, WaveAugment, mixup
+
+SR = 16_000
+CNN = {"_target_": "faultsense.models.cnn.FaultCNN", "widths": [8, 16], "dropout": 0.0}
+
+
+def cnn_spec(**frontend) -> dict:
+    return {
+        "frontend": {"kind": "logmel", "n_mels": 32, "hop_ms": 20, **frontend},
+        "backbone": dict(CNN),
+        "head": {"dropout": 0.0},
+        "num_classes": 4,
+        "sample_rate": SR,
+        "clip_samples": SR,
+    }
+
+
+def test_logmel_and_mfcc_shapes_and_per_clip_normalization():
+    wave = torch.randn(3, SR)
+    mel = LogMel(SR, n_mels=40, hop_ms=20)(wave)
+    assert mel.shape == (3, 1, 40, SR // 320 + 1)
+    assert torch.allclose(mel.mean(dim=(1, 2, 3)), torch.zeros(3), atol=1e-4)
+    mfcc = MFCC(SR, n_mfcc=20, n_mels=40, hop_ms=20)(wave)
+    assert mfcc.shape == (3, 1, 20, SR // 320 + 1)
+    # Per-clip normalization: a louder copy of a clip gives the same features.
+    assert torch.allclose(LogMel(SR)(wave * 10), LogMel(SR)(wave), atol=1e-3)
+
+
+def test_spec_augment_masks_only_in_training():
+    x = torch.randn(4, 1, 32, 100)
+    aug = SpecAugment(freq_masks=2, freq_width=8, time_masks=2, time_width=20)
+    assert torch.equal(aug.eval()(x), x)
+    torch.manual_seed(0)
+    out = aug.train()(x)
+    assert out.shape == x.shape and (out == 0).sum() > (x == 0).sum()
+
+
+def test_wave_augment_is_identity_in_eval_and_per_example_in_training():
+    torch.manual_seed(0)
+    wave = torch.randn(8, SR)
+    aug = WaveAugment(gain_db=6, shift=0.5, noise_p=1.0, snr_db=(20, 20))
+    assert torch.equal(aug.eval()(wave), wave)
+    out = aug.train()(wave)
+    assert out.shape == wave.shape and not torch.allclose(out, wave)
+    # A circular shift alone keeps every sample (a permutation of each clip).
+    shifted = WaveAugment(gain_db=0, shift=0.5, noise_p=0).train()(wave)
+    assert torch.allclose(shifted.sort(dim=1).values, wave.sort(dim=1).values)
+    # Noise at 20 dB SNR: the added power is ~1% of the clip's power.
+    noisy = WaveAugment(gain_db=0, shift=0, noise_p=1.0, snr_db=(20, 20)).train()(wave)
+    ratio = (noisy - wave).pow(2).mean() / wave.pow(2).mean()
+    assert 0.008 < float(ratio) < 0.012
+    speed = WaveAugment(gain_db=0, shift=0, noise_p=0, speed=(0.8, 0.9)).train()(wave)
+    assert speed.shape == wave.shape
+
+
+def test_mixup_keeps_the_first_clip_dominant():
+    wave, target = torch.randn(6, 100), torch.arange(6)
+    mixed, a, b, lam = mixup(wave, target, alpha=0.4)
+    assert mixed.shape == wave.shape and 0.5 <= lam <= 1.0
+    assert torch.equal(a, target) and sorted(b.tolist()) == target.tolist()
+
+
+def test_faultnet_is_waveform_to_logits_deterministic_and_batch_independent():
+    net = build_net(cnn_spec(spec_augment={"freq_masks": 2, "freq_width": 4})).eval()
+    wave = torch.randn(5, SR)
+    with torch.no_grad():
+        logits = net(wave)
+        assert logits.shape == (5, 4)
+        assert torch.equal(net(wave), logits)  # eval mode adds no augmentation
+        # A clip's prediction does not depend on its batch-mates (serving batches freely).
+        assert torch.allclose(net(wave[2:3]), logits[2:3], atol=1e-5)
+    # The spec is plain JSON and rebuilds the same architecture.
+    again = build_net(json.loads(json.dumps(net.spec)))
+    again.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(again.eval()(wave), logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["os.system", "torch.nn.Linear", None])
+def test_backbones_come_only_from_the_allowlist(target):
+    spec = cnn_spec()
+    spec["backbone"] = {"_target_": target}
+    with pytest.raises(ConfigError, match="allowed backbone"):
+        build_net(spec)
+
+
+def test_bad_frontend_and_backbone_args_are_config_errors():
+    with pytest.raises(ConfigError, match="frontend.kind"):
+        build_net(cnn_spec(kind="cqt"))
+    spec = cnn_spec()
+    spec["backbone"]["depth_multiplier"] = 2
+    with pytest.raises(ConfigError, match="backbone"):
+        build_net(spec)
+
+
+def test_classifier_hparams_are_primitives_only():
+    from omegaconf import OmegaConf
+
+    spec = cnn_spec()
+    model = FaultClassifier(
+        net=OmegaConf.create({k: spec[k] for k in ("frontend", "backbone", "head")}),
+        num_classes=4,
+        sample_rate=SR,
+        clip_samples=SR,
+        class_weights=[1.0, 2.0, 1.0, 0.5],
+        optimizer=OmegaConf.create({"name": "adamw", "lr": 1e-3}),
+    )
+
+    def check(value):
+        if isinstance(value, dict):
+            assert all(isinstance(k, str) for k in value)
+            for v in value.values():
+                check(v)
+        elif isinstance(value, list):
+            for v in value:
+                check(v)
+        else:
+            assert value is None or isinstance(value, bool | int | float | str), type(value)
+
+    check(dict(model.hparams))
+    assert model.net_spec()["backbone"]["_target_"] == CNN["_target_"]
+
+
+# --- wav2vec2 ---------------------------------------------------------------------------
+
+
+def tiny_wav2vec2_dir(path):
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    config = Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        conv_dim=(16, 16, 16),
+        conv_stride=(5, 4, 4),
+        conv_kernel=(10, 8, 4),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        mask_time_prob=0.0,
+    )
+    torch.manual_seed(0)
+    Wav2Vec2Model(config).save_pretrained(path)
+    return path
+
+
+def wav2vec2_model(pretrained, **backbone) -> FaultClassifier:
+    return FaultClassifier(
+        net={
+            "frontend": {"kind": "waveform"},
+            "backbone": {
+                "_target_": "faultsense.models.wav2vec2.Wav2Vec2Backbone",
+                "pretrained": str(pretrained),
+                **backbone,
+            },
+            "head": {"hidden": 16, "dropout": 0.0},
+        },
+        sample_rate=SR,
+        clip_samples=2 * SR,
+        optimizer={"name": "adamw", "lr": 1e-3},
+    )
+
+
+def test_wav2vec2_head_trains_a_step_saves_and_reloads_without_the_hub(
+    tmp_path, synthetic_datamodule
+):
+    import shutil
+
+    pretrained = tiny_wav2vec2_dir(tmp_path / "tiny-w2v")
+    model = wav2vec2_model(pretrained, pooling="attention")
+    encoder = model.net.backbone.encoder
+    assert not any(p.requires_grad for p in encoder.feature_extractor.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = L.Trainer(
+        max_steps=1,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(model, datamodule=synthetic_datamodule)
+    changed = [
+        n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])
+    ]
+    assert any("layer_weights" in n for n in changed) and any(
+        "encoder.encoder" in n for n in changed
+    )
+    ckpt = tmp_path / "w2v.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert (
+        torch.load(ckpt, weights_only=True)["net_spec"]["backbone"]["config"]["hidden_size"] == 32
+    )
+
+    shutil.rmtree(pretrained)  # reloading must rebuild from the stored config, not the hub/dir
+    loaded = FaultClassifier.load_from_checkpoint(ckpt, weights_only=True).eval()
+    wave = torch.randn(2, 2 * SR)
+    with torch.no_grad():
+        assert torch.allclose(loaded(wave), model.eval()(wave), atol=1e-5)
+
+
+def test_wav2vec2_full_freeze_unfreezes_only_the_top_layers(tmp_path):
+    pretrained = tiny_wav2vec2_dir(tmp_path / "tiny-w2v")
+    backbone = wav2vec2_model(pretrained, freeze="all", unfreeze_top_k=1).net.backbone
+    layers = backbone.encoder.encoder.layers
+    assert not any(p.requires_grad for p in layers[0].parameters())
+    assert all(p.requires_grad for p in layers[1].parameters())
+    assert backbone.layer_weights.requires_grad
+
+
+def test_missing_pretrained_encoder_says_how_to_pass_a_local_dir(tmp_path, monkeypatch):
+    with pytest.raises(ModelError, match="model.net.backbone.pretrained"):
+        wav2vec2_model(tmp_path / "no-such-model")
+    # A hub name that cannot be fetched (offline here, whatever the network): a ModelError
+    # naming the local-folder override.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match="pretrained=/path"):
+        wav2vec2_model("faultsense-tests/no-such-encoder")

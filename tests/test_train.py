@@ -1,0 +1,202 @@
+"""Training and evaluation: presets compose, a real short run learns, checkpoints are safe
+to load, resume continues, eval reproduces the stored metrics, CLIs fail cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from faultsense.errors import ConfigError
+from tests.fixtures.data import SYNTH_CLIP_SECONDS, compose_config
+from tests.fixtures.model import SMOKE_EPOCHS, compose_train, train_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_preset_composes(experiment, tmp_path):
+    cfg = compose_config("train", [f"experiment={experiment}", f"paths.root_dir={tmp_path}"])
+    assert cfg.model._target_ == "faultsense.models.classifier.FaultClassifier"
+    assert cfg.data._target_ and cfg.trainer._target_
+    if cfg.model.net.backbone._target_.endswith("FaultCNN"):
+        # CNN presets also build (wav2vec2 needs the hub or a local folder).
+        model = instantiate(cfg.model, _recursive_=False)
+        logits = model(torch.randn(2, int(cfg.data.sample_rate * cfg.data.clip_seconds)))
+        assert logits.shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer=cpu",
+        "trainer=gpu",
+        "trainer=ddp",
+        "trainer=ddp_cpu",
+        "logger=csv",
+        "logger=none",
+        "model=wav2vec2",
+        "hparams_search=cnn_optuna",
+        "hydra/launcher=joblib",
+        "hydra/launcher=submitit_slurm",
+    ],
+)
+def test_config_groups_compose(override):
+    cfg = compose_config("train", [override])
+    assert cfg.optimized_metric == "val/f1_macro_best"
+
+
+def test_short_cnn_run_learns_the_synthetic_set(smoke_checkpoint):
+    ckpt, metrics, cfg = smoke_checkpoint
+    assert all(isinstance(v, float) for v in metrics.values())
+    for name in ("train/loss", "val/loss", "val/acc", "val/precision_macro", "val/recall_macro"):
+        assert name in metrics
+    # 4 balanced classes: chance is 0.25.
+    assert metrics["val/f1_macro"] >= 0.7, metrics
+    assert metrics["val/f1_macro_best"] >= metrics["val/f1_macro"] - 1e-6
+    assert metrics["test/f1_macro"] >= 0.6, metrics  # fold 5 is present in the fixture
+    summary = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert summary["best_ckpt_path"] == str(ckpt)
+    assert summary["metrics"]["val/f1_macro"] == metrics["val/f1_macro"]
+    assert sum(map(sum, summary["confusion"]["val"])) == 16  # every val clip counted once
+
+
+def test_checkpoints_load_with_weights_only(smoke_checkpoint):
+    from faultsense.models.classifier import FaultClassifier, build_net
+
+    ckpt, metrics, _ = smoke_checkpoint
+    for path in ckpt.parent.glob("*.ckpt"):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        assert checkpoint["labels"] == [
+            "mechanical_fault",
+            "electrical_fault",
+            "fluid_leak",
+            "normal",
+        ]
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert checkpoint["metrics"]["val/f1_macro"] == pytest.approx(metrics["val/f1_macro"], abs=1e-6)
+    model = FaultClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    net = build_net(checkpoint["net_spec"]).eval()
+    net.load_state_dict(model.net.state_dict())
+    wave = torch.randn(3, int(16_000 * SYNTH_CLIP_SECONDS))
+    with torch.no_grad():
+        assert torch.allclose(net(wave), model.eval()(wave), atol=1e-6)
+
+
+def test_eval_reproduces_the_stored_metrics(smoke_checkpoint, tmp_path):
+    from faultsense.eval import evaluate
+
+    ckpt, metrics, cfg = smoke_checkpoint
+    data = [
+        o
+        for o in train_overrides(tmp_path, cfg.data.source, cfg.data.cache_dir)
+        if o.startswith("data.")
+    ]
+    eval_cfg = compose_config(
+        "eval",
+        [
+            f"ckpt_path={ckpt}",
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path}",
+            "trainer.enable_progress_bar=false",
+            *data,
+        ],
+    )
+    result = evaluate(eval_cfg)
+    for name in ("val/loss", "val/acc", "val/f1_macro", "val/precision_macro", "val/recall_macro"):
+        assert result[name] == pytest.approx(result[f"stored/{name}"], abs=1e-5), name
+        assert result[name] == pytest.approx(metrics[name], abs=1e-5), name
+    assert result["test/f1_macro"] == pytest.approx(metrics["test/f1_macro"], abs=1e-5)
+
+
+def test_eval_without_a_checkpoint_is_a_config_error(tmp_path):
+    from faultsense.eval import evaluate
+
+    cfg = compose_config(
+        "eval", [f"ckpt_path={tmp_path / 'missing.ckpt'}", f"paths.root_dir={tmp_path}"]
+    )
+    with pytest.raises(ConfigError, match="missing.ckpt"):
+        evaluate(cfg)
+
+
+def test_resume_continues_with_wandb_offline_and_skips_an_absent_test_fold(
+    smoke_checkpoint, tmp_path, synthetic_source, data_cache_dir, monkeypatch, caplog
+):
+    from faultsense.train import train
+
+    ckpt, metrics, _ = smoke_checkpoint
+    last = ckpt.parent / "last.ckpt"
+    before = torch.load(last, map_location="cpu", weights_only=True)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = compose_train(
+        tmp_path,
+        synthetic_source,
+        data_cache_dir,
+        [
+            f"ckpt_path={last}",
+            f"trainer.max_epochs={SMOKE_EPOCHS + 2}",
+            "logger=wandb",
+            "data.test_fold=7",  # not in the data: testing must be skipped, not fail
+        ],
+    )
+    with caplog.at_level("WARNING", logger="faultsense.train"):
+        result = train(cfg)
+    assert "test fold 7 not present" in caplog.text
+    assert not any(k.startswith("test/") for k in result)
+    resumed = torch.load(
+        Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True
+    )
+    assert resumed["epoch"] == before["epoch"] + 2
+    assert resumed["global_step"] > before["global_step"]
+    # The best-so-far survives the resume (it is part of the checkpointed state).
+    assert result["val/f1_macro_best"] >= metrics["val/f1_macro_best"] - 1e-6
+    runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    import wandb
+
+    assert wandb.run is None  # every job finishes its run
+
+
+def test_wandb_is_offline_unless_logged_in(monkeypatch, tmp_path):
+    from faultsense.train import wandb_logger
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert wandb_logger(save_dir=str(tmp_path))._offline is True
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    logger = wandb_logger(save_dir=str(tmp_path))
+    assert logger._offline is False and logger._log_model is True
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_logger(save_dir=str(tmp_path))._offline is True
+
+
+def test_cli_reports_a_bad_config_without_a_traceback(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "faultsense.train",
+            "experiment=smoke",
+            f"paths.root_dir={tmp_path}",
+            "model.net.backbone._target_=os.system",
+            "data.source=" + str(tmp_path / "nowhere"),
+            "data.synthetic=null",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+    )
+    assert out.returncode != 0
+    assert "Error" in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
