@@ -1,13 +1,14 @@
 # FaultSense: every target passes extra Hydra overrides through ARGS="...".
 SHELL := /bin/bash
-UV ?= uv
+# uv from PATH, else the copy `make setup` installs with pip (pyenv may not shim it yet).
+UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen
 ARGS ?=
 
 .PHONY: setup test test-fast lint format data synth train eval sweep cv retrain serve app demo loadtest bench clean
 
 setup:  ## install uv if missing, then the locked environment
-	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --frozen
 
 test:  ## the whole test suite (what CI runs)
