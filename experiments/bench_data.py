@@ -20,9 +20,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from faultsense import CONFIG_DIR
 from faultsense.data.datamodule import build_datamodule
 from faultsense.data.synthetic import write_synthetic
-from faultsense.prepare import CONFIG_DIR
 
 
 def timed_epochs(loader, epochs: int) -> tuple[int, int, float]:

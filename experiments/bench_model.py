@@ -23,10 +23,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
+from faultsense import CONFIG_DIR
 from faultsense.models.classifier import FaultClassifier
 from faultsense.models.frontend import SpecAugment, WaveAugment
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:

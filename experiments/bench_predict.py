@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from faultsense.inference import FAST_PATHS, Predictor, build_runner
-from faultsense.models.classifier import build_net
+from faultsense.models.net import build_net
 from faultsense.taxonomy import NUM_LABELS
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import CONFIG_DIR
 from .errors import ConfigError, DataError, FaultSenseError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Overrides that vary across folds/seeds and do not name a different model.
 _FOLD_KEYS = ("data.val_fold", "seed")
 # Metrics the table shows first (any other val/ or test/ metric follows).

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
+from . import CONFIG_DIR
 from .errors import ConfigError, ModelError
 from .train import _floats, instantiate, run_cli
 
@@ -83,7 +84,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     run_cli(evaluate, cfg)
 

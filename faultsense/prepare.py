@@ -6,16 +6,13 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
+from . import CONFIG_DIR
 from .errors import FaultSenseError
-
-# Absolute: a relative config_path breaks when run through the installed console script.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:

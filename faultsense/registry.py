@@ -240,7 +240,7 @@ class Bundle:
 
     def load_net(self) -> nn.Module:
         """Verify sha256, rebuild the FaultNet from `net_spec` and load the weights; eval mode."""
-        from .models.classifier import build_net
+        from .models.net import build_net
 
         state = self.state_dict()
         net = build_net(copy.deepcopy(self.meta["net_spec"]))

@@ -23,12 +23,12 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import CONFIG_DIR
 from .errors import ConfigError, FaultSenseError, ModelError
 from .registry import Registry, export_checkpoint, fault_point, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 STATUS_FILE = "status.json"
 DECISION_FILE = "decision.json"
 
@@ -295,7 +295,6 @@ def _config(cfg: DictConfig) -> Any:
         return OmegaConf.to_container(cfg, resolve=False)
 
 
-# Absolute: a relative config_path breaks under the console script (module-relative lookup).
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="retrain")
 def main(cfg: DictConfig) -> None:
     """`faultsense-retrain`: fine-tune, gate and (maybe) promote; prints the decision."""

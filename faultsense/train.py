@@ -20,6 +20,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from . import CONFIG_DIR
 from .errors import ConfigError, FaultSenseError
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,7 @@ def _train_for_sweep(cfg: DictConfig) -> float | None:
     return metrics.get(name) if name else None
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     return run_cli(_train_for_sweep, cfg)
 

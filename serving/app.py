@@ -24,11 +24,11 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from faultsense import CONFIG_DIR
 from faultsense.errors import FaultSenseError
 from faultsense.taxonomy import LABELS
 
 # Absolute, so the installed `faultsense-app` script finds configs/ from any module path.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 if TYPE_CHECKING:
     import gradio as gr

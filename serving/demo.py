@@ -23,11 +23,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from faultsense import CONFIG_DIR
 from faultsense.errors import ConfigError, FaultSenseError
 from faultsense.taxonomy import LABELS
 
 # Absolute, so the installed `faultsense-app` script finds configs/ from any module path.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 def say(message: str) -> None:

@@ -39,6 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from omegaconf import DictConfig
 
+from faultsense import CONFIG_DIR
 from faultsense.errors import (
     AudioError,
     ConfigError,
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("faultsense.serve")
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 ALLOWED_HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 RAW_AUDIO_TYPES = ("audio/", "application/octet-stream")
 # Counters shared by the inference workers and read by /status (int64 slots).
@@ -792,7 +792,6 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-# Absolute: a relative config_path breaks under the console script (module-relative lookup).
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serve")
 def main(cfg: DictConfig) -> None:
     """`faultsense-serve`: serve the registry's current model (config: configs/serve.yaml)."""

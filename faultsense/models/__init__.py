@@ -1,9 +1,5 @@
-"""Models: feature frontends, backbones (CNN, wav2vec2) and the LightningModule.
+"""Models: feature frontends, backbones (CNN, wav2vec2), FaultNet and the LightningModule.
 
-`FaultNet` (waveform [B, T] -> logits [B, C]) is what serving runs; `FaultClassifier`
-trains it. Import the submodules you need (they import torch).
+`net.FaultNet` (waveform [B, T] -> logits [B, C]) is what serving runs and imports only
+torch; `classifier.FaultClassifier` trains it (Lightning). Import the submodule you need.
 """
-
-from .classifier import BACKBONES, FaultClassifier, FaultNet, build_net
-
-__all__ = ["BACKBONES", "FaultClassifier", "FaultNet", "build_net"]

@@ -1,8 +1,6 @@
-"""FaultNet (waveform in, logits out) and FaultClassifier, the LightningModule that trains it.
+"""FaultClassifier, the LightningModule that trains a FaultNet (`models/net.py`).
 
-`FaultNet` is everything serving needs: frontend + backbone + head, rebuilt from a plain
-JSON-able spec by `build_net`. Backbones come from an allowlist, never from an arbitrary
-import string. `FaultClassifier` wires loss, waveform augmentation, mixup, metrics and the
+`FaultClassifier` wires loss, waveform augmentation, mixup, metrics and the
 optimizer around it; its hparams are primitives only, so checkpoints load with
 `torch.load(..., weights_only=True)`.
 """
@@ -10,7 +8,7 @@ optimizer around it; its hparams are primitives only, so checkpoints load with
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -27,112 +25,10 @@ from torchmetrics.classification import (
 
 from ..errors import ConfigError
 from ..taxonomy import LABELS, NUM_LABELS
-from .frontend import Frontend, WaveAugment, build_frontend, mixup
+from .frontend import WaveAugment, mixup
+from .net import BACKBONES, FaultNet, Head, build_net, plain  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-def _cnn(**kwargs: Any) -> nn.Module:
-    from .cnn import FaultCNN
-
-    return FaultCNN(**kwargs)
-
-
-def _wav2vec2(**kwargs: Any) -> nn.Module:
-    from .wav2vec2 import Wav2Vec2Backbone
-
-    return Wav2Vec2Backbone(**kwargs)
-
-
-# The only backbones a spec (from a config, a checkpoint or a bundle) may name.
-BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    "faultsense.models.cnn.FaultCNN": _cnn,
-    "faultsense.models.wav2vec2.Wav2Vec2Backbone": _wav2vec2,
-}
-
-
-def plain(value: Any) -> Any:
-    """A DictConfig/ListConfig/tuple tree as plain dicts, lists and primitives (resolved)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    return value
-
-
-class Head(nn.Module):
-    """Embedding [B, in_dim] -> logits [B, num_classes]: dropout, optional hidden layer."""
-
-    def __init__(self, in_dim: int, num_classes: int, hidden: int = 0, dropout: float = 0.2):
-        super().__init__()
-        layers: list[nn.Module] = [nn.Dropout(dropout)]
-        if hidden:
-            layers += [nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout)]
-            in_dim = hidden
-        layers.append(nn.Linear(in_dim, num_classes))
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
-
-
-class FaultNet(nn.Module):
-    """Waveform [B, T] float32 at `spec['sample_rate']` -> logits [B, num_classes].
-
-    Eval mode adds no augmentation (SpecAugment in the frontend is training-only).
-    `spec` is the plain dict `build_net` rebuilds this exact architecture from.
-    """
-
-    def __init__(self, frontend: Frontend, backbone: nn.Module, head: Head, spec: dict) -> None:
-        super().__init__()
-        self.frontend = frontend
-        self.backbone = backbone
-        self.head = head
-        self.spec = spec
-
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(self.frontend(wave)))
-
-
-def build_net(spec: Mapping[str, Any]) -> FaultNet:
-    """Build a FaultNet from `{frontend, backbone: {_target_, ...}, head, num_classes,
-    sample_rate, clip_samples}`; the backbone `_target_` must be in BACKBONES."""
-    spec = plain(spec)
-    missing = [
-        k
-        for k in ("frontend", "backbone", "num_classes", "sample_rate", "clip_samples")
-        if k not in spec
-    ]
-    if missing:
-        raise ConfigError(f"Model spec is missing {', '.join(missing)}.")
-    backbone_spec = dict(spec["backbone"])
-    target = backbone_spec.pop("_target_", None)
-    if target not in BACKBONES:
-        raise ConfigError(
-            f"model.net.backbone._target_={target!r} is not an allowed backbone; "
-            f"choose one of: {', '.join(BACKBONES)}."
-        )
-    frontend = build_frontend({"sample_rate": spec["sample_rate"], **spec["frontend"]})
-    try:
-        backbone = BACKBONES[target](**backbone_spec)
-    except TypeError as err:
-        raise ConfigError(f"model.net.backbone ({target}): {err}") from None
-    head_spec = dict(spec.get("head") or {})
-    head = Head(backbone.out_dim, int(spec["num_classes"]), **head_spec)
-    resolved = backbone.spec() if hasattr(backbone, "spec") else backbone_spec
-    full = {
-        "frontend": dict(spec["frontend"]),
-        "backbone": {"_target_": target, **resolved},
-        "head": head_spec,
-        "num_classes": int(spec["num_classes"]),
-        "sample_rate": int(spec["sample_rate"]),
-        "clip_samples": int(spec["clip_samples"]),
-    }
-    return FaultNet(frontend, backbone, head, full)
 
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
