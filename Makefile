@@ -28,8 +28,8 @@ synth:  ## write the synthetic ESC-50-layout dataset to data/synthetic
 data:  ## manifest + waveform cache, e.g. make data ARGS="data.source=../shared/datasets/esc50-16k"
 	$(RUN) faultsense-data $(ARGS)
 
-train:
-	$(RUN) faultsense-train $(ARGS)
+train:  ## train and register the best checkpoint (register=true; ARGS win)
+	$(RUN) faultsense-train register=true $(ARGS)
 
 eval:
 	$(RUN) faultsense-eval $(ARGS)
