@@ -21,6 +21,7 @@ from typing import Any
 
 from . import CONFIG_DIR
 from .errors import ConfigError, DataError, FaultSenseError
+from .fileio import atomic_write
 
 # Overrides that vary across folds/seeds and do not name a different model.
 _FOLD_KEYS = ("data.val_fold", "seed")
@@ -92,8 +93,8 @@ def aggregate(multirun_dir: str | Path) -> dict[str, Any]:
             "jobs": [s["job_dir"] for s in runs],
         }
     report = {"dir": str(root), "models": models}
-    _atomic_write(root / "cv.json", json.dumps(report, indent=2))
-    _atomic_write(root / "cv.md", to_markdown(report))
+    atomic_write(root / "cv.json", json.dumps(report, indent=2))
+    atomic_write(root / "cv.md", to_markdown(report))
     return report
 
 
@@ -122,12 +123,6 @@ def to_markdown(report: dict[str, Any]) -> str:
             + f" | {timing['fit_seconds_mean']} | {timing['train_clips_per_s_mean']} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def cv_folds(overrides: list[str]) -> list[int]:
@@ -185,7 +180,7 @@ def run_cv(overrides: list[str], sweep_dir: str | None = None) -> dict[str, Any]
         )
     report = aggregate(sweep_dir)
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
-    _atomic_write(Path(sweep_dir) / "cv.json", json.dumps(report, indent=2))
+    atomic_write(Path(sweep_dir) / "cv.json", json.dumps(report, indent=2))
     return report
 
 

@@ -8,7 +8,6 @@ optionally registers it, and returns the metrics.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -22,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import CONFIG_DIR
 from .errors import ConfigError, FaultSenseError
+from .fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +214,7 @@ def _write_summary(path, cfg, result, datamodule, model, fit_seconds, epochs) ->
         },
         **_hydra_job_info(),
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, summary)
 
 
 def run_cli(fn, cfg: DictConfig) -> Any:

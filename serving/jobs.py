@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from faultsense.errors import ConfigError
+from faultsense.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temp file + os.replace so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def hydra_value(value: str | Path) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError, LabelError
+from ..fileio import sha256_file
 from ..taxonomy import LABELS, validate_label
 
 log = logging.getLogger(__name__)
@@ -370,7 +371,7 @@ def download(
     if total is not None and size != total:
         raise DataError(f"Download of {url} stopped at {size} of {total} bytes. {hint}")
     if sha256:
-        digest = _sha256_file(part)
+        digest = sha256_file(part)
         if digest != sha256.lower():
             part.unlink()
             raise DataError(f"{url}: sha256 {digest} does not match the expected {sha256}.")
@@ -413,14 +414,6 @@ class _bytes_progress:
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def extract_zip(

@@ -25,6 +25,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from .. import audio
+from ..fileio import atomic_write
 from ..taxonomy import LABELS, validate_label
 
 MANIFEST_NAME = "manifest.csv"
@@ -83,7 +84,7 @@ class UploadStore:
             rel = f"{label}/{digest}.wav"
             target = self.root / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(target, wav)
+            atomic_write(target, wav)
             rows.append(
                 {
                     "sha256": digest,
@@ -119,15 +120,6 @@ class UploadStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.manifest_path)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _clean_name(filename: str | None) -> str:
