@@ -12,7 +12,6 @@ goes under FAULTSENSE_ROOT (default: the working directory): data/, models/, log
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 import subprocess
@@ -26,6 +25,7 @@ from omegaconf import DictConfig
 from faultsense import CONFIG_DIR
 from faultsense.errors import ConfigError, FaultSenseError
 from faultsense.taxonomy import LABELS
+from serving.process import stop_group
 
 # Absolute, so the installed `faultsense-app` script finds configs/ from any module path.
 
@@ -113,14 +113,7 @@ def stop(proc: subprocess.Popen | None, name: str) -> None:
     if proc is None or proc.poll() is not None:
         return
     say(f"stopping the {name} ...")
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+    stop_group(proc)
 
 
 def demo(cfg: DictConfig) -> None:
