@@ -12,6 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from . import CONFIG_DIR
+from .data.esc50 import AUX_ONLY
 from .errors import FaultSenseError
 
 
@@ -55,7 +56,7 @@ def report(summary: dict[str, Any]) -> str:
     """The summary as text: a label x fold table plus where things were written."""
     folds = summary["folds"]
     heads = [("uploads" if f == 0 else f"fold {f}") for f in folds]
-    width = max(len(label) for label in summary["labels"]) + 2
+    width = max(len(label) for label in [*summary["labels"], "(aux only)"]) + 2
     lines = [
         f"source: {summary['root']}",
         f"clips in source: {summary['source_clips']}, mapped: {summary['mapped']} "
@@ -64,12 +65,16 @@ def report(summary: dict[str, Any]) -> str:
         "label".ljust(width) + "".join(h.rjust(9) for h in heads) + "total".rjust(9),
     ]
     counts = summary["counts"]
-    for label in summary["labels"]:
+    shown = list(summary["labels"])
+    if any(label == AUX_ONLY for label, _ in counts):
+        shown.append(AUX_ONLY)  # unmapped: aux (category head only)
+    for label in shown:
         per_fold = [counts.get((label, f), 0) for f in folds]
+        name = label or "(aux only)"
         lines.append(
-            label.ljust(width) + "".join(f"{n:9d}" for n in per_fold) + f"{sum(per_fold):9d}"
+            name.ljust(width) + "".join(f"{n:9d}" for n in per_fold) + f"{sum(per_fold):9d}"
         )
-    totals = [sum(counts.get((label, f), 0) for label in summary["labels"]) for f in folds]
+    totals = [sum(counts.get((label, f), 0) for label in shown) for f in folds]
     lines.append("total".ljust(width) + "".join(f"{n:9d}" for n in totals) + f"{sum(totals):9d}")
     s = summary["splits"]
     test = (

@@ -68,12 +68,12 @@ class _Progress(L.Callback):
 
 @torch.inference_mode()
 def evaluate(net: torch.nn.Module, loader: Any, num_classes: int) -> dict[str, float]:
-    """Accuracy and macro F1 of an eval-mode net over a loader of (waves [B, T], labels [B])."""
+    """Accuracy and macro F1 of an eval-mode net over a loader of (waves [B, T], labels [B], ...)."""
     from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
     net.eval()
     preds, targets = [], []
-    for waves, labels in loader:
+    for waves, labels, *_ in loader:
         preds.append(net(waves).argmax(dim=1))
         targets.append(labels)
     if not preds:

@@ -112,6 +112,7 @@ def train(cfg: DictConfig) -> TrainResult:
         sample_rate=int(datamodule.sample_rate),
         clip_samples=int(datamodule.clip_samples),
         class_weights=class_weights,
+        num_categories=len(datamodule.categories),
         _recursive_=False,
     )
     loggers = _instantiate_all(cfg.get("logger"))

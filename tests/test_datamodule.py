@@ -54,17 +54,26 @@ def test_official_folds_split_and_class_statistics(synthetic_datamodule: FaultDa
 
 def test_batches_are_float_waveforms_and_int64_labels_from_the_cache(synthetic_datamodule):
     dm = synthetic_datamodule
-    waves, labels = next(iter(dm.val_dataloader()))
+    waves, labels, categories = next(iter(dm.val_dataloader()))
     assert waves.shape == (16, T) and waves.dtype == torch.float32
     assert labels.shape == (16,) and labels.dtype == torch.int64
     expected = dm.caches[0].waves[dm.val_set.items[:16, 1]] / 32767.0
     np.testing.assert_allclose(waves.numpy(), expected, rtol=1e-6)
     assert labels.tolist() == dm.val_set.labels[:16].tolist()
+    # Each clip's ESC-50 category index points at its own category, which maps to its label.
+    rows = dm.caches[0].rows
+    for row, label, category in zip(
+        (rows[i] for i in dm.val_set.items[:16, 1]), labels, categories, strict=True
+    ):
+        assert dm.categories[int(category)] == row.esc50_category
+        assert LABELS[int(label)] == row.label
+    assert dm.categories == sorted({r.esc50_category for r in rows}) and "dog" not in dm.categories
     # Item-wise access agrees with the batched read.
-    wave, label = dm.val_set[3]
+    wave, label, category = dm.val_set[3]
     assert torch.equal(wave, waves[3]) and int(label) == int(labels[3])
+    assert int(category) == int(categories[3])
     # Training batches are shuffled; one epoch covers the train split once.
-    seen = torch.cat([y for _, y in dm.train_dataloader()])
+    seen = torch.cat([y for _, y, _ in dm.train_dataloader()])
     assert sorted(seen.tolist()) == sorted(dm.train_set.labels.tolist())
     assert not torch.equal(seen, torch.from_numpy(dm.train_set.labels[: len(seen)]))
 
@@ -96,6 +105,27 @@ def test_missing_val_fold_is_an_error_listing_the_folds(synthetic_overrides):
 def test_cross_validation_fold_and_no_test_fold(synthetic_overrides):
     dm = make(synthetic_overrides, "data.val_fold=1", "data.test_fold=null")
     assert not dm.has_test and len(dm.val_set) == PER_FOLD and len(dm.train_set) == 4 * PER_FOLD
+
+
+def test_unmapped_aux_keeps_unmapped_clips_for_training_the_category_head_only(
+    synthetic_overrides,
+):
+    base = make(synthetic_overrides)
+    dm = make(synthetic_overrides, "data.mapping.unmapped=aux")
+    assert "dog" in dm.categories and "dog" not in base.categories
+    dog = dm.categories.index("dog")
+    # Dog clips of the training folds join train with no fault label ...
+    train_dog = dm.train_set.categories == dog
+    assert train_dog.sum() == 3 * (len(base.val_set) // 8) and train_dog.any()
+    assert set(dm.train_set.labels[train_dog].tolist()) == {-1}
+    assert len(dm.train_set) == len(base.train_set) + train_dog.sum()
+    # ... but are never scored: val and test hold exactly the fault-labeled clips.
+    for split, before in ((dm.val_set, base.val_set), (dm.test_set, base.test_set)):
+        assert len(split) == len(before) and (split.labels >= 0).all()
+        assert dog not in split.categories.tolist()
+    # Class counts and weights cover the fault-labeled clips only.
+    assert dm.class_counts == base.class_counts
+    assert dm.class_weights == pytest.approx(base.class_weights)
 
 
 def test_unmapped_normal_makes_an_imbalanced_set_with_weights(synthetic_overrides):
@@ -135,8 +165,9 @@ def test_uploads_join_the_training_split_only(tmp_path: Path, synthetic_override
     # Upload rows are really read into training batches (from the uploads cache part).
     upload_pos = np.flatnonzero(dm.train_set.items[:, 0] == 1)
     assert len(upload_pos) == 3
-    waves, labels = dm.train_set.__getitems__(upload_pos.tolist())
+    waves, labels, categories = dm.train_set.__getitems__(upload_pos.tolist())
     assert labels.tolist() == [0, 0, 0] and waves.shape == (3, T)
+    assert categories.tolist() == [-1, -1, -1]  # uploads carry no ESC-50 category
     np.testing.assert_allclose(
         waves[:, :16_000].numpy(), dm.caches[1].waves[:, :16_000] / 32767.0, rtol=1e-6
     )
@@ -157,8 +188,8 @@ def test_ddp_sampling_splits_the_data_across_ranks(synthetic_datamodule):
         sampler = DistributedSampler(dm.train_set, num_replicas=2, rank=rank, shuffle=True, seed=0)
         loader = _update_dataloader(dm.train_dataloader(), sampler)
         batches = list(loader)
-        assert all(w.shape[0] <= dm.batch_size for w, _ in batches)
-        seen.append(torch.cat([w[:, :64] for w, _ in batches]))
+        assert all(w.shape[0] <= dm.batch_size for w, *_ in batches)
+        seen.append(torch.cat([w[:, :64] for w, *_ in batches]))
     assert len(seen[0]) == len(seen[1]) == len(dm.train_set) // 2
     assert dm.batch_size == 16 and len(batches) == 2  # 24 clips per rank: 16 + 8
     # No clip is fed to both ranks.
@@ -172,8 +203,8 @@ def test_worker_processes_deliver_the_same_batches(synthetic_overrides):
     got = list(multi.val_dataloader())
     want = list(single.val_dataloader())
     assert len(got) == len(want)
-    for (wg, yg), (ww, yw) in zip(got, want, strict=True):
-        assert torch.equal(wg, ww) and torch.equal(yg, yw)
+    for (wg, yg, cg), (ww, yw, cw) in zip(got, want, strict=True):
+        assert torch.equal(wg, ww) and torch.equal(yg, yw) and torch.equal(cg, cw)
 
 
 def test_predict_dataloader_over_files(tmp_path: Path, synthetic_source: Path, synthetic_overrides):

@@ -56,6 +56,11 @@ def test_unmapped_drop_and_normal(synthetic_source: Path):
     assert labels["normal"] == 3 * SYNTH["clips_per_class"]  # engine, vacuum_cleaner and dog
     assert {r.label for r in kept if r.esc50_category == "dog"} == {"normal"}
 
+    aux, stats = esc50.clip_rows(synthetic_source, default_mapping(unmapped="aux"))
+    assert len(aux) == N_CLIPS and stats.mapped == N_CLIPS - SYNTH["clips_per_class"]
+    assert {r.label for r in aux if r.esc50_category == "dog"} == {esc50.AUX_ONLY}
+    assert esc50.AUX_ONLY not in {r.label for r in aux if r.esc50_category != "dog"}
+
 
 @pytest.mark.parametrize(
     ("mapping", "match"),

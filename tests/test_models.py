@@ -229,3 +229,63 @@ def test_missing_pretrained_encoder_says_how_to_pass_a_local_dir(tmp_path, monke
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match="pretrained=/path"):
         wav2vec2_model("faultsense-tests/no-such-encoder")
+
+
+# --- auxiliary ESC-50 category head -----------------------------------------------------
+
+
+def test_aux_category_head_trains_with_the_net_and_stays_out_of_the_bundle(
+    tmp_path, synthetic_datamodule
+):
+    from faultsense.registry import export_checkpoint
+
+    dm = synthetic_datamodule
+    spec = cnn_spec()
+    model = FaultClassifier(
+        net={k: spec[k] for k in ("frontend", "backbone", "head")},
+        sample_rate=dm.sample_rate,
+        clip_samples=dm.clip_samples,
+        optimizer={"name": "adamw", "lr": 1e-3},
+        num_categories=len(dm.categories),
+        aux_weight=0.5,
+    )
+    assert model.aux_head is not None and model.hparams["num_categories"] == len(dm.categories) == 8
+
+    # Targets of -1 (an upload's category, an aux-only clip's label) add nothing, never NaN.
+    with torch.no_grad():
+        embedding = model.net.embed(torch.randn(4, dm.clip_samples))
+    unknown = torch.full((4, 2), -1)
+    assert float(model._embedding_loss(embedding, unknown)) == 0.0
+    labeled_only = torch.tensor([[0, -1], [1, -1], [2, -1], [3, -1]])
+    both = torch.tensor([[0, 0], [1, 2], [2, 4], [3, 6]])
+    assert float(model._embedding_loss(embedding, both)) > float(
+        model._embedding_loss(embedding, labeled_only)
+    )
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = L.Trainer(
+        max_steps=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(model, datamodule=dm)
+    for prefix in ("aux_head.", "net.backbone.", "net.head."):
+        assert any(
+            not torch.equal(p, before[n])
+            for n, p in model.named_parameters()
+            if n.startswith(prefix)
+        ), prefix
+
+    ckpt = tmp_path / "aux.ckpt"
+    trainer.save_checkpoint(ckpt)
+    net, _ = export_checkpoint(ckpt)
+    assert not any("aux" in k for k in net.state_dict())
+    wave = torch.randn(2, dm.clip_samples)
+    with torch.no_grad():
+        assert torch.allclose(net(wave), model.eval()(wave), atol=1e-5)
+    reloaded = FaultClassifier.load_from_checkpoint(ckpt, weights_only=True)
+    assert reloaded.aux_head is not None  # resume keeps training the aux head

@@ -107,7 +107,7 @@ def test_generated_on_first_use_and_through_the_full_path_to_a_batch(tmp_path: P
     assert (tmp_path / "data" / "synthetic" / "meta" / "esc50.csv").is_file()
     assert dm.has_test and dm.folds_present == [1, 2, 3, 4, 5]
     assert sum(dm.class_counts.values()) == 8 * 3  # 8 mapped categories x folds 1-3
-    waves, labels = next(iter(dm.train_dataloader()))
+    waves, labels, _ = next(iter(dm.train_dataloader()))
     assert waves.shape == (4, 16000) and waves.dtype == torch.float32
     assert labels.shape == (4,) and labels.dtype == torch.int64
     assert waves.abs().max() <= 1.0 and waves.abs().max() > 0.1

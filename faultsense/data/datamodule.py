@@ -1,5 +1,9 @@
 """`FaultDataModule`: ESC-50 (or its synthetic twin) + labeled uploads -> batches of raw
-waveforms float32 [B, T] and int64 labels [B].
+waveforms float32 [B, T], int64 fault labels [B] and int64 ESC-50 category indices [B].
+
+The category index (into `FaultDataModule.categories`, -1 for uploads) feeds a model's
+optional auxiliary category head; the fault label is -1 for clips kept only for that head
+(`data.mapping.unmapped=aux`), which are train-only.
 
 `prepare_data` (rank 0) resolves the source (download / extract / generate the
 synthetic set), maps categories to labels, builds or reuses the waveform caches and
@@ -36,18 +40,29 @@ log = logging.getLogger(__name__)
 
 
 class CachedWaves(Dataset):
-    """Rows of one or more int16 cache memmaps -> (wave float32 [T], label int64).
+    """Rows of one or more int16 cache memmaps -> (wave float32 [T], label int64,
+    category int64).
 
-    `items` is [M, 2] (part, row). Memmaps open lazily in each process, so pickling the
-    Dataset into DataLoader workers copies paths, never audio.
+    `items` is [M, 2] (part, row). `categories` defaults to -1 (unknown). Memmaps open
+    lazily in each process, so pickling the Dataset into DataLoader workers copies paths,
+    never audio.
     """
 
     def __init__(
-        self, parts: Sequence[wave_cache.WaveCache], items: np.ndarray, labels: np.ndarray
+        self,
+        parts: Sequence[wave_cache.WaveCache],
+        items: np.ndarray,
+        labels: np.ndarray,
+        categories: np.ndarray | None = None,
     ):
         self._parts = [(c.data_path, len(c), c.clip_samples) for c in parts]
         self.items = np.asarray(items, dtype=np.int64).reshape(-1, 2)
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.categories = (
+            np.full(len(self.labels), -1, dtype=np.int64)
+            if categories is None
+            else np.asarray(categories, dtype=np.int64)
+        )
         self._maps: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -63,14 +78,20 @@ class CachedWaves(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_maps": None}
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         part, row = self.items[i]
         wave = self._open()[part][row].astype(np.float32)
         wave *= 1.0 / wave_cache.INT16_SCALE  # exactly as __getitems__ scales
-        return torch.from_numpy(wave), torch.tensor(self.labels[i])
+        return (
+            torch.from_numpy(wave),
+            torch.tensor(self.labels[i]),
+            torch.tensor(self.categories[i]),
+        )
 
-    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A whole batch in one read per cache part: (waves [B, T], labels [B])."""
+    def __getitems__(
+        self, indices: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A whole batch in one read per cache part: (waves [B, T], labels [B], categories [B])."""
         idx = np.asarray(indices, dtype=np.int64)
         items, maps = self.items[idx], self._open()
         out = np.empty((len(idx), self._parts[0][2]), dtype=np.float32)
@@ -79,7 +100,11 @@ class CachedWaves(Dataset):
             if len(sel):
                 out[sel] = mm[items[sel, 1]]  # one gather per part; int16 -> float32 on assignment
         out *= 1.0 / wave_cache.INT16_SCALE
-        return torch.from_numpy(out), torch.from_numpy(self.labels[idx])
+        return (
+            torch.from_numpy(out),
+            torch.from_numpy(self.labels[idx]),
+            torch.from_numpy(self.categories[idx]),
+        )
 
 
 class FileWaves(Dataset):
@@ -99,17 +124,20 @@ class FileWaves(Dataset):
 
 def collate_batch(batch: Any) -> Any:
     """Batches from `CachedWaves.__getitems__` are already stacked; others use default_collate."""
-    if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+    if isinstance(batch, tuple) and len(batch) == 3 and isinstance(batch[0], torch.Tensor):
         return batch
     return default_collate(batch)
 
 
 class FaultDataModule(LightningDataModule):
-    """ESC-50-layout data + uploads as batches `(waves float32 [B, T], labels int64 [B])`.
+    """ESC-50-layout data + uploads as batches `(waves float32 [B, T], labels int64 [B],
+    categories int64 [B])`.
 
-    After `prepare_data()` + `setup()`: `labels`, `sample_rate`, `clip_samples`,
-    `class_counts` (train), `class_weights` (inverse frequency, mean 1 over present
-    classes, 0 for absent ones), `fingerprint`, `mapping`, `folds_present`, `has_test`.
+    After `prepare_data()` + `setup()`: `labels`, `categories` (the ESC-50 categories in
+    the data, sorted; what a category index points at), `sample_rate`, `clip_samples`,
+    `class_counts` (train, fault-labeled clips), `class_weights` (inverse frequency, mean 1
+    over present classes, 0 for absent ones), `fingerprint`, `mapping`, `folds_present`,
+    `has_test`.
     """
 
     def __init__(
@@ -154,6 +182,7 @@ class FaultDataModule(LightningDataModule):
         self._mapping = esc50.parse_mapping(_plain(mapping))
         self.mapping: dict[str, Any] = self._mapping.to_dict()
         self.labels: list[str] = list(LABELS)
+        self.categories: list[str] = []
         self.sample_rate = int(sample_rate)
         self.clip_samples = int(round(clip_seconds * sample_rate))
         self.val_fold = int(val_fold)
@@ -280,7 +309,10 @@ class FaultDataModule(LightningDataModule):
         )
         rows = [r for c in caches for r in c.rows]
         folds = np.array([r.fold for r in rows])
-        labels = np.array([LABEL_TO_INDEX[r.label] for r in rows], dtype=np.int64)
+        labels = np.array([LABEL_TO_INDEX.get(r.label, -1) for r in rows], dtype=np.int64)
+        self.categories = sorted({r.esc50_category for r in rows if r.esc50_category})
+        index = {c: i for i, c in enumerate(self.categories)}
+        categories = np.array([index.get(r.esc50_category, -1) for r in rows], dtype=np.int64)
         self.folds_present = sorted({int(f) for f in folds if f > 0})
         present = ", ".join(map(str, self.folds_present))
         if self.val_fold not in self.folds_present:
@@ -296,14 +328,18 @@ class FaultDataModule(LightningDataModule):
                 self.test_fold,
                 present,
             )
-        is_val, is_test = folds == self.val_fold, folds == (self.test_fold if self.has_test else -1)
-        is_train = ~(is_val | is_test)
-        self.train_set = CachedWaves(caches, items[is_train], labels[is_train])
-        self.val_set = CachedWaves(caches, items[is_val], labels[is_val])
-        self.test_set = (
-            CachedWaves(caches, items[is_test], labels[is_test]) if self.has_test else None
-        )
-        counts = np.bincount(labels[is_train], minlength=len(LABELS))
+        held_out = folds == self.val_fold, folds == (self.test_fold if self.has_test else -1)
+        is_train = ~(held_out[0] | held_out[1])
+        # Aux-only clips (no fault label) never enter val/test: they are not scored.
+        is_val, is_test = (h & (labels >= 0) for h in held_out)
+
+        def subset(mask: np.ndarray) -> CachedWaves:
+            return CachedWaves(caches, items[mask], labels[mask], categories[mask])
+
+        self.train_set, self.val_set = subset(is_train), subset(is_val)
+        self.test_set = subset(is_test) if self.has_test else None
+        train_labels = labels[is_train]
+        counts = np.bincount(train_labels[train_labels >= 0], minlength=len(LABELS))
         self.class_counts = {label: int(n) for label, n in zip(LABELS, counts, strict=True)}
         inv = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
         present_classes = counts > 0

@@ -33,6 +33,8 @@ META_COLUMNS = ("filename", "fold", "target", "category", "esc10", "src_file", "
 MANIFEST_COLUMNS = ("id", "path", "esc50_category", "label", "fold", "source", "duration")
 OFFICIAL_URL = "https://github.com/karolpiczak/ESC-50/archive/refs/heads/master.zip"
 OFFICIAL_CLIPS = 2000
+# The `label` of a clip kept under `unmapped: aux`: no fault label, category head only.
+AUX_ONLY = ""
 
 
 # ---------------------------------------------------------------- mapping
@@ -40,7 +42,12 @@ OFFICIAL_CLIPS = 2000
 
 @dataclass(frozen=True)
 class FaultMapping:
-    """ESC-50 category -> fault label. `unmapped` is "drop" or a label (e.g. "normal")."""
+    """ESC-50 category -> fault label. `unmapped` is "drop", "aux" or a label (e.g. "normal").
+
+    "aux" keeps the unmapped clips without a fault label (`AUX_ONLY`): they train only a
+    model's auxiliary ESC-50 category head (`model.aux_weight`), never the fault labels,
+    and never enter val/test.
+    """
 
     classes: dict[str, tuple[str, ...]]
     unmapped: str = "drop"
@@ -59,10 +66,13 @@ class FaultMapping:
         object.__setattr__(self, "category_to_label", lookup)
 
     def label_for(self, category: str) -> str | None:
-        """The fault label of `category`, or None when it is dropped."""
+        """The fault label of `category`, `AUX_ONLY` for an unmapped one under
+        `unmapped: aux`, or None when it is dropped."""
         label = self.category_to_label.get(category)
         if label is not None:
             return label
+        if self.unmapped == "aux":
+            return AUX_ONLY
         return None if self.unmapped == "drop" else self.unmapped
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,12 +99,13 @@ def parse_mapping(mapping: Mapping[str, Any] | FaultMapping | None) -> FaultMapp
             raise ConfigError(f"data.mapping.classes.{label} must be a list of ESC-50 categories.")
         classes[label] = tuple(str(c).strip() for c in categories)
     unmapped = str(mapping.get("unmapped", "drop")).strip()
-    if unmapped != "drop":
+    if unmapped not in ("drop", "aux"):
         try:
             unmapped = validate_label(unmapped)
         except LabelError:
             raise ConfigError(
-                f"data.mapping.unmapped={unmapped!r}: expected 'drop' or one of {', '.join(LABELS)}."
+                f"data.mapping.unmapped={unmapped!r}: expected 'drop', 'aux' or one of "
+                f"{', '.join(LABELS)}."
             ) from None
     return FaultMapping(classes=classes, unmapped=unmapped)
 
@@ -224,7 +235,7 @@ def clip_rows(
     unknown = sorted(set(mapping.category_to_label) - {r["category"] for r in meta})
     if unknown:
         log.info("Mapped categories not in %s: %s", root / META_FILE, ", ".join(unknown))
-    stats.mapped = len(rows)
+    stats.mapped = sum(r.label != AUX_ONLY for r in rows)
     stats.dropped_categories = sorted(dropped)
     return rows, stats
 

@@ -67,6 +67,12 @@ def confusion_figure(matrix: list[list[int]], labels: list[str], title: str):
     return fig
 
 
+def _unpack(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(waves, labels[, categories]) -> (waves, labels, categories); -1 = no category."""
+    wave, target, *rest = batch
+    return wave, target, rest[0] if rest else torch.full_like(target, -1)
+
+
 class _KeepLength:
     """Mixin for LR schedulers: on resume keep this run's schedule length (a run resumed
     with a larger max_epochs continues along the longer schedule instead of failing)."""
@@ -91,8 +97,15 @@ class FaultClassifier(L.LightningModule):
     """Trains a FaultNet: class-weighted cross-entropy (optional label smoothing), waveform
     augmentation + mixup on the batch (training only), torchmetrics on val/test.
 
-    Batches are `(waves [B, T] float32, labels [B] int64)`. All constructor arguments are
-    plain values (Hydra configs are converted), and are what the checkpoint stores.
+    Batches are `(waves [B, T] float32, labels [B] int64, categories [B] int64)`; a label
+    or category of -1 is ignored by its loss. With `aux_weight > 0` and `num_categories`,
+    a training-only auxiliary head on the same embedding also learns the ESC-50 category:
+    each fault label lumps several unrelated sounds together, and the finer target gives
+    the small dataset more to learn from. The aux head is not part of the FaultNet, so
+    bundles and serving never see it.
+
+    All constructor arguments are plain values (Hydra configs are converted), and are what
+    the checkpoint stores.
     """
 
     def __init__(
@@ -107,6 +120,8 @@ class FaultClassifier(L.LightningModule):
         scheduler: Mapping[str, Any] | None = None,
         augment: Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
+        num_categories: int = 0,
+        aux_weight: float = 0.0,
     ) -> None:
         super().__init__()
         net = plain(net)
@@ -141,8 +156,18 @@ class FaultClassifier(L.LightningModule):
                 "mixup_p": self.mixup_p,
             },
             "label_smoothing": float(label_smoothing),
+            "num_categories": int(num_categories),
+            "aux_weight": float(aux_weight),
         }
         self.save_hyperparameters(hp)
+        self.aux_head: Head | None = None
+        if aux_weight > 0 and num_categories > 1:
+            head_spec = dict(self.net.spec.get("head") or {})
+            self.aux_head = Head(
+                self.net.backbone.out_dim,
+                int(num_categories),
+                dropout=head_spec.get("dropout", 0.2),
+            )
         weights = torch.tensor(hp["class_weights"]) if hp["class_weights"] else None
         self.register_buffer("class_weights", weights, persistent=False)
 
@@ -170,44 +195,61 @@ class FaultClassifier(L.LightningModule):
         return self.net(wave)
 
     # --- steps --------------------------------------------------------------------------
-    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _loss(
+        self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Cross-entropy over the targets that are not -1 (0 when there are none)."""
+        known = target >= 0
+        if not bool(known.any()):
+            return logits.sum() * 0.0  # keeps the graph (DDP) without a NaN mean
         return nn.functional.cross_entropy(
-            logits,
-            target,
-            weight=self.class_weights,
+            logits[known],
+            target[known],
+            weight=weight,
             label_smoothing=self.hparams["label_smoothing"],
         )
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        wave, target = batch
+    def _embedding_loss(self, embedding: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Fault loss (+ aux_weight x category loss) for targets [B, 2] = (label, category)."""
+        loss = self._loss(self.net.head(embedding), targets[:, 0], self.class_weights)
+        if self.aux_head is not None:
+            aux = self._loss(self.aux_head(embedding), targets[:, 1])
+            loss = loss + self.hparams["aux_weight"] * aux
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int):
+        wave, target, category = _unpack(batch)
+        targets = torch.stack([target, category], dim=1)
         wave = self.wave_augment(wave)
         if self.mixup_alpha > 0 and torch.rand(()) < self.mixup_p:
-            wave, target_a, target_b, lam = mixup(wave, target, self.mixup_alpha)
-            logits = self.net(wave)
-            loss = lam * self._loss(logits, target_a) + (1 - lam) * self._loss(logits, target_b)
+            # one mixing draw for both targets; the loss is the mix of the two losses
+            wave, targets_a, targets_b, lam = mixup(wave, targets, self.mixup_alpha)
+            embedding = self.net.embed(wave)
+            loss = lam * self._embedding_loss(embedding, targets_a)
+            loss = loss + (1 - lam) * self._embedding_loss(embedding, targets_b)
         else:
-            loss = self._loss(self.net(wave), target)
+            loss = self._embedding_loss(self.net.embed(wave), targets)
         self.train_loss(loss.detach())
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
-        wave, target = batch
+    def _eval_step(self, batch: tuple[torch.Tensor, ...], stage: str) -> None:
+        wave, target, _ = _unpack(batch)
         logits = self.net(wave)
         loss_metric = self.val_loss if stage == "val" else self.test_loss
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         confmat = self.val_confmat if stage == "val" else self.test_confmat
-        loss_metric(self._loss(logits, target), weight=target.numel())
+        loss_metric(self._loss(logits, target, self.class_weights), weight=target.numel())
         preds = logits.argmax(dim=1)
         metrics.update(preds, target)
         confmat.update(preds, target)
         self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:

@@ -256,8 +256,9 @@ class WaveAugment(nn.Module):
 def mixup(
     wave: torch.Tensor, target: torch.Tensor, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Mix a batch with a shuffled copy of itself: wave [B, T], target [B] ->
-    (mixed [B, T], target_a [B], target_b [B], lam); loss = lam*CE(a) + (1-lam)*CE(b)."""
+    """Mix a batch with a shuffled copy of itself: wave [B, T], target [B, ...] ->
+    (mixed [B, T], target_a [B, ...], target_b [B, ...], lam);
+    loss = lam*CE(a) + (1-lam)*CE(b)."""
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     lam = max(lam, 1.0 - lam)  # keep the first clip dominant so its label stays the main one
     perm = torch.randperm(wave.shape[0], device=wave.device)

@@ -79,8 +79,12 @@ class FaultNet(nn.Module):
         self.head = head
         self.spec = spec
 
+    def embed(self, wave: torch.Tensor) -> torch.Tensor:
+        """Waveform [B, T] -> embedding [B, backbone.out_dim] (what the head classifies)."""
+        return self.backbone(self.frontend(wave))
+
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(self.frontend(wave)))
+        return self.head(self.embed(wave))
 
 
 def build_net(spec: Mapping[str, Any]) -> FaultNet:
