@@ -148,6 +148,8 @@ def _retrain(cfg: DictConfig, status: JobStatus) -> dict[str, Any]:
     OmegaConf.update(data_cfg, "clip_seconds", clip / rate, force_add=True)
     OmegaConf.update(data_cfg, "uploads_dir", str(cfg.paths.uploads_dir), force_add=True)
     OmegaConf.update(data_cfg, "include_uploads", True, force_add=True)
+    # A bundle has no category head: clips without a fault label would teach it nothing.
+    OmegaConf.update(data_cfg, "aux_clips", False, force_add=True)
     datamodule = build_datamodule(data_cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")

@@ -102,6 +102,8 @@ def train(cfg: DictConfig) -> TrainResult:
     from .data.datamodule import build_datamodule
 
     datamodule = build_datamodule(cfg.data)
+    if not cfg.model.get("aux_weight"):
+        datamodule.aux_clips = False  # clips with no fault label would only cost time
     datamodule.prepare_data()
     datamodule.setup("fit")
     class_weights = list(datamodule.class_weights) if cfg.get("class_weighted", True) else None
@@ -197,7 +199,7 @@ def _floats(metrics: Any, prefixes: tuple[str, ...]) -> dict[str, float]:
 
 def _write_summary(path, cfg, result, datamodule, model, fit_seconds, epochs) -> None:
     """metrics.json next to the run: what the CV aggregator and humans read."""
-    train_clips = int(sum(datamodule.class_counts.values()))
+    train_clips = len(datamodule.train_set)  # aux-only clips included: they cost as much
     summary = {
         "metrics": dict(result),
         "best_ckpt_path": result.best_ckpt_path,

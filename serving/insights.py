@@ -43,7 +43,9 @@ def class_distribution(manifest: Path, val_fold: Any, test_fold: Any) -> dict[st
             except ValueError:
                 continue
             split = "val" if fold == val_fold else "test" if fold == test_fold else "train"
-            label = row.get("label") or "?"
+            label = row.get("label")
+            if not label:  # kept by `unmapped: aux` for the category head: no fault label
+                continue
             splits[split][label] = splits[split].get(label, 0) + 1
     return {k: v for k, v in splits.items() if v}
 

@@ -126,6 +126,9 @@ def test_unmapped_aux_keeps_unmapped_clips_for_training_the_category_head_only(
     # Class counts and weights cover the fault-labeled clips only.
     assert dm.class_counts == base.class_counts
     assert dm.class_weights == pytest.approx(base.class_weights)
+    # A model without a category head (retraining a bundle, aux_weight=0) leaves them out.
+    off = make(synthetic_overrides, "data.mapping.unmapped=aux", "data.aux_clips=false")
+    assert len(off.train_set) == len(base.train_set) and (off.train_set.labels >= 0).all()
 
 
 def test_unmapped_normal_makes_an_imbalanced_set_with_weights(synthetic_overrides):

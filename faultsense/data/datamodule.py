@@ -160,6 +160,7 @@ class FaultDataModule(LightningDataModule):
         skip_bad: bool = False,
         uploads_dir: str | None = None,
         include_uploads: bool = True,
+        aux_clips: bool = True,
         download: Mapping[str, Any] | None = None,
         synthetic: Mapping[str, Any] | None = None,
         predict_files: Sequence[str] | None = None,
@@ -195,6 +196,7 @@ class FaultDataModule(LightningDataModule):
         self.skip_bad = bool(skip_bad)
         self.uploads_dir = Path(uploads_dir) if uploads_dir else None
         self.include_uploads = bool(include_uploads)
+        self.aux_clips = bool(aux_clips)
         self.download = dict(_plain(download) or {})
         self.synthetic = _plain(synthetic)
         self.predict_files = list(predict_files or [])
@@ -330,6 +332,8 @@ class FaultDataModule(LightningDataModule):
             )
         held_out = folds == self.val_fold, folds == (self.test_fold if self.has_test else -1)
         is_train = ~(held_out[0] | held_out[1])
+        if not self.aux_clips:  # a model without a category head gains nothing from them
+            is_train &= labels >= 0
         # Aux-only clips (no fault label) never enter val/test: they are not scored.
         is_val, is_test = (h & (labels >= 0) for h in held_out)
 
