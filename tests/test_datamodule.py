@@ -20,6 +20,7 @@ from faultsense.taxonomy import LABELS
 from tests.fixtures.data import SYNTH, compose_config, copy_source
 
 PER_FOLD = SYNTH["clips_per_class"] // SYNTH["folds"] * 8  # mapped clips per fold
+AUX_PER_FOLD = SYNTH["clips_per_class"] // SYNTH["folds"]  # dog: unmapped, kept as aux-only
 T = int(16_000 * SYNTH["seconds"])
 
 
@@ -34,7 +35,7 @@ def test_official_folds_split_and_class_statistics(synthetic_datamodule: FaultDa
     dm = synthetic_datamodule
     assert dm.folds_present == [1, 2, 3, 4, 5] and dm.has_test
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (
-        3 * PER_FOLD,
+        3 * (PER_FOLD + AUX_PER_FOLD),
         PER_FOLD,
         PER_FOLD,
     )
@@ -48,7 +49,7 @@ def test_official_folds_split_and_class_statistics(synthetic_datamodule: FaultDa
     assert (dm.sample_rate, dm.clip_samples) == (16_000, T)
     assert dm.fingerprint == dm.caches[0].fingerprint and len(dm.fingerprint) == 64
     assert (
-        dm.mapping["unmapped"] == "drop" and "chainsaw" in dm.mapping["classes"]["mechanical_fault"]
+        dm.mapping["unmapped"] == "aux" and "chainsaw" in dm.mapping["classes"]["mechanical_fault"]
     )
 
 
@@ -67,7 +68,7 @@ def test_batches_are_float_waveforms_and_int64_labels_from_the_cache(synthetic_d
     ):
         assert dm.categories[int(category)] == row.esc50_category
         assert LABELS[int(label)] == row.label
-    assert dm.categories == sorted({r.esc50_category for r in rows}) and "dog" not in dm.categories
+    assert dm.categories == sorted({r.esc50_category for r in rows}) and "dog" in dm.categories
     # Item-wise access agrees with the batched read.
     wave, label, category = dm.val_set[3]
     assert torch.equal(wave, waves[3]) and int(label) == int(labels[3])
@@ -88,7 +89,7 @@ def test_missing_test_fold_means_no_test_split(
         dm = make(synthetic_overrides, f"data.source={src}")
     assert dm.folds_present == [1, 2, 3, 4] and not dm.has_test
     assert "data.test_fold=5 is not in the data" in caplog.text
-    assert len(dm.train_set) == 3 * PER_FOLD
+    assert len(dm.train_set) == 3 * (PER_FOLD + AUX_PER_FOLD)
     with pytest.raises(DataError, match="has_test"):
         dm.test_dataloader()
 
@@ -104,19 +105,23 @@ def test_missing_val_fold_is_an_error_listing_the_folds(synthetic_overrides):
 
 def test_cross_validation_fold_and_no_test_fold(synthetic_overrides):
     dm = make(synthetic_overrides, "data.val_fold=1", "data.test_fold=null")
-    assert not dm.has_test and len(dm.val_set) == PER_FOLD and len(dm.train_set) == 4 * PER_FOLD
+    assert (
+        not dm.has_test
+        and len(dm.val_set) == PER_FOLD
+        and len(dm.train_set) == 4 * (PER_FOLD + AUX_PER_FOLD)
+    )
 
 
 def test_unmapped_aux_keeps_unmapped_clips_for_training_the_category_head_only(
     synthetic_overrides,
 ):
-    base = make(synthetic_overrides)
-    dm = make(synthetic_overrides, "data.mapping.unmapped=aux")
+    base = make(synthetic_overrides, "data.mapping.unmapped=drop")
+    dm = make(synthetic_overrides)  # unmapped: aux is the default
     assert "dog" in dm.categories and "dog" not in base.categories
     dog = dm.categories.index("dog")
     # Dog clips of the training folds join train with no fault label ...
     train_dog = dm.train_set.categories == dog
-    assert train_dog.sum() == 3 * (len(base.val_set) // 8) and train_dog.any()
+    assert train_dog.sum() == 3 * AUX_PER_FOLD
     assert set(dm.train_set.labels[train_dog].tolist()) == {-1}
     assert len(dm.train_set) == len(base.train_set) + train_dog.sum()
     # ... but are never scored: val and test hold exactly the fault-labeled clips.

@@ -33,7 +33,7 @@ def default_mapping(**overrides) -> esc50.FaultMapping:
 
 def test_default_mapping_is_the_design_table():
     mapping = default_mapping()
-    assert mapping.unmapped == "drop"
+    assert mapping.unmapped == "aux"
     assert set(mapping.classes) == set(LABELS)
     assert all(len(c) == 6 for c in mapping.classes.values())
     assert len(mapping.category_to_label) == 24
@@ -41,11 +41,11 @@ def test_default_mapping_is_the_design_table():
     assert mapping.label_for("siren") == "electrical_fault"
     assert mapping.label_for("sea_waves") == "fluid_leak"
     assert mapping.label_for("helicopter") == "normal"
-    assert mapping.label_for("dog") is None
+    assert mapping.label_for("dog") == esc50.AUX_ONLY  # kept for the category head only
 
 
 def test_unmapped_drop_and_normal(synthetic_source: Path):
-    dropped, stats = esc50.clip_rows(synthetic_source, default_mapping())
+    dropped, stats = esc50.clip_rows(synthetic_source, default_mapping(unmapped="drop"))
     assert stats.clips == N_CLIPS and stats.mapped == N_CLIPS - SYNTH["clips_per_class"]
     assert stats.dropped_categories == ["dog"]
     assert "dog" not in {r.esc50_category for r in dropped}

@@ -45,8 +45,8 @@ def test_default_mapping_covers_all_labels_and_leaves_one_category_unmapped(synt
     mapping = esc50.parse_mapping(compose_config("prepare").data.mapping)
     categories = {r["category"] for r in _meta(synthetic_source)}
     labels = {mapping.label_for(c) for c in categories}
-    assert labels == set(LABELS) | {None}
-    assert [c for c in categories if mapping.label_for(c) is None] == ["dog"]
+    assert labels == set(LABELS) | {esc50.AUX_ONLY}
+    assert [c for c in categories if mapping.label_for(c) == esc50.AUX_ONLY] == ["dog"]
 
 
 def test_same_seed_same_bytes_other_seed_other_audio(tmp_path: Path):
@@ -64,7 +64,9 @@ def test_same_seed_same_bytes_other_seed_other_audio(tmp_path: Path):
 def test_labels_are_separable_by_a_trivial_spectral_classifier(synthetic_source: Path):
     """Nearest class centroid on log band energies: if this can't separate the labels,
     no small model will. Train on folds 1-3, score fold 4 + 5."""
-    mapping = esc50.parse_mapping(compose_config("prepare").data.mapping)
+    mapping = esc50.parse_mapping(
+        compose_config("prepare", ["data.mapping.unmapped=drop"]).data.mapping
+    )
     rows, _ = esc50.clip_rows(synthetic_source, mapping)
 
     def features(path: str) -> np.ndarray:
@@ -111,10 +113,11 @@ def test_generated_on_first_use_and_through_the_full_path_to_a_batch(tmp_path: P
     assert waves.shape == (4, 16000) and waves.dtype == torch.float32
     assert labels.shape == (4,) and labels.dtype == torch.int64
     assert waves.abs().max() <= 1.0 and waves.abs().max() > 0.1
-    assert set(labels.tolist()) <= set(range(len(LABELS)))
-    # The manifest is written and consistent with what was cached.
+    assert set(labels.tolist()) <= set(range(len(LABELS))) | {-1}  # -1: dog, aux-only
+    # The manifest is written and consistent with what was cached (dog kept as aux-only).
     rows = esc50.read_manifest(dm.manifest_path)
-    assert len(rows) == 8 * 5 and {r.source for r in rows} == {"esc50"}
+    assert len(rows) == 9 * 5 and {r.source for r in rows} == {"esc50"}
+    assert {r.label for r in rows if r.esc50_category == "dog"} == {esc50.AUX_ONLY}
     assert all(r.duration == 1.0 for r in rows)
 
 
