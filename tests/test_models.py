@@ -38,6 +38,28 @@ def test_logmel_and_mfcc_shapes_and_per_clip_normalization():
     assert torch.allclose(LogMel(SR)(wave * 10), LogMel(SR)(wave), atol=1e-3)
 
 
+def test_top_db_floors_digital_silence_per_clip():
+    """Zero padding sits at the 1e-10 floor (-100 dB) unless top_db lifts it to peak - top_db;
+    the floor is each clip's own, so a clip's features do not depend on its batch."""
+    t = torch.arange(SR) / SR
+    tone = 0.5 * torch.sin(2 * torch.pi * 440 * t)
+    padded = torch.cat([tone[: SR // 2], torch.zeros(SR // 2)])
+    quiet = 0.01 * torch.randn(SR)
+    raw = LogMel(SR, normalize=False)(padded[None])
+    assert float(raw.min()) == pytest.approx(-100.0)
+    clipped = LogMel(SR, normalize=False, top_db=80.0)(torch.stack([padded, quiet]))
+    peaks = clipped.amax(dim=(1, 2, 3))
+    floors = clipped.amin(dim=(1, 2, 3))
+    assert float(floors[0]) == pytest.approx(float(peaks[0]) - 80.0)  # the padding, lifted
+    assert float(floors[1]) > float(peaks[1]) - 80.0  # noise spans < 80 dB: untouched
+    alone = LogMel(SR, top_db=80.0)(padded[None])
+    assert torch.allclose(LogMel(SR, top_db=80.0)(torch.stack([padded, quiet]))[:1], alone)
+    # MFCC shares the log-mel, so it takes the same option.
+    assert MFCC(SR, n_mfcc=20, top_db=80.0)(padded[None]).isfinite().all()
+    with pytest.raises(ConfigError, match="top_db"):
+        build_net(cnn_spec(top_db=-5))
+
+
 def test_spec_augment_masks_only_in_training():
     x = torch.randn(4, 1, 32, 100)
     aug = SpecAugment(freq_masks=2, freq_width=8, time_masks=2, time_width=20)

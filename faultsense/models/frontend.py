@@ -30,9 +30,11 @@ def _per_clip_normalize(x: torch.Tensor) -> torch.Tensor:
 class LogMel(nn.Module):
     """Waveform [B, T] at `sample_rate` -> log-mel [B, 1, n_mels, frames].
 
-    Power mel spectrogram in dB (10 log10, floor 1e-10: no batch-dependent top_db),
-    normalized per clip so loudness differences between recordings do not dominate.
-    frames = T // hop + 1 (centered STFT).
+    Power mel spectrogram in dB (10 log10, floor 1e-10), optionally clipped to `top_db`
+    below the clip's own peak (per clip, so batch-independent), then normalized per clip
+    so loudness differences between recordings do not dominate. Without `top_db`, digital
+    silence (zero padding, common in ESC-50) sits at -100 dB and its contrast with the
+    sound dominates the normalization. frames = T // hop + 1 (centered STFT).
     """
 
     def __init__(
@@ -45,13 +47,17 @@ class LogMel(nn.Module):
         f_min: float = 20.0,
         f_max: float | None = None,
         normalize: bool = True,
+        top_db: float | None = None,
     ) -> None:
         super().__init__()
+        if top_db is not None and top_db <= 0:
+            raise ConfigError(f"model.net.frontend.top_db must be > 0 (or null), got {top_db}.")
         hop = max(1, round(sample_rate * hop_ms / 1000))
         win = n_fft if win_ms is None else min(n_fft, round(sample_rate * win_ms / 1000))
         self.hop_length = hop
         self.n_mels = n_mels
         self.normalize = normalize
+        self.top_db = top_db
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=sample_rate,
             n_fft=n_fft,
@@ -66,6 +72,8 @@ class LogMel(nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         spec = self.mel(wave)  # [B, n_mels, frames]
         spec = 10.0 * torch.log10(spec.clamp_min(_EPS))
+        if self.top_db is not None:
+            spec = torch.maximum(spec, spec.amax(dim=(1, 2), keepdim=True) - self.top_db)
         if self.normalize:
             spec = _per_clip_normalize(spec)
         return spec.unsqueeze(1)
@@ -85,11 +93,14 @@ class MFCC(nn.Module):
         f_min: float = 20.0,
         f_max: float | None = None,
         normalize: bool = True,
+        top_db: float | None = None,
     ) -> None:
         super().__init__()
         if n_mfcc > n_mels:
             raise ConfigError(f"model.net.frontend.n_mfcc={n_mfcc} exceeds n_mels={n_mels}.")
-        self.logmel = LogMel(sample_rate, n_mels, n_fft, win_ms, hop_ms, f_min, f_max, False)
+        self.logmel = LogMel(
+            sample_rate, n_mels, n_fft, win_ms, hop_ms, f_min, f_max, False, top_db
+        )
         self.normalize = normalize
         dct = torchaudio.functional.create_dct(n_mfcc, n_mels, norm="ortho")  # [n_mels, n_mfcc]
         self.register_buffer("dct", dct, persistent=False)
