@@ -271,7 +271,9 @@ def test_aux_category_head_trains_with_the_net_and_stays_out_of_the_bundle(
         num_categories=len(dm.categories),
         aux_weight=0.5,
     )
-    assert model.aux_head is not None and model.hparams["num_categories"] == len(dm.categories) == 8
+    assert (
+        model.aux_head is not None and model.hparams["num_categories"] == len(dm.categories) == 9
+    )  # 8 + dog (aux-only)
 
     # Targets of -1 (an upload's category, an aux-only clip's label) add nothing, never NaN.
     with torch.no_grad():
