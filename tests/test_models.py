@@ -27,6 +27,19 @@ def cnn_spec(**frontend) -> dict:
     }
 
 
+def few_steps_trainer(steps: int) -> L.Trainer:
+    """A quiet CPU Trainer that fits `steps` batches and validates on one."""
+    return L.Trainer(
+        max_steps=steps,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+
+
 def test_logmel_and_mfcc_shapes_and_per_clip_normalization():
     wave = torch.randn(3, SR)
     mel = LogMel(SR, n_mels=40, hop_ms=20)(wave)
@@ -205,15 +218,7 @@ def test_wav2vec2_head_trains_a_step_saves_and_reloads_without_the_hub(
     encoder = model.net.backbone.encoder
     assert not any(p.requires_grad for p in encoder.feature_extractor.parameters())
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    trainer = L.Trainer(
-        max_steps=1,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = few_steps_trainer(1)
     trainer.fit(model, datamodule=synthetic_datamodule)
     changed = [
         n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])
@@ -287,15 +292,7 @@ def test_aux_category_head_trains_with_the_net_and_stays_out_of_the_bundle(
     )
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = L.Trainer(
-        max_steps=2,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = few_steps_trainer(2)
     trainer.fit(model, datamodule=dm)
     for prefix in ("aux_head.", "net.backbone.", "net.head."):
         assert any(
