@@ -19,7 +19,7 @@ import torch
 from torchmetrics.functional.classification import multiclass_f1_score
 
 from faultsense import CONFIG_DIR
-from faultsense.data.datamodule import FaultDataModule, build_datamodule
+from faultsense.data.datamodule import FaultDataModule, prepared_datamodule
 from faultsense.models.classifier import FaultClassifier
 
 
@@ -33,10 +33,7 @@ def compose_for_eval(source: str, fold: int, overrides: list[str]) -> FaultDataM
             "train",
             [*data, f"data.source={source}", f"data.val_fold={fold}", "data.progress=false"],
         )
-    dm = build_datamodule(cfg.data)
-    dm.prepare_data()
-    dm.setup()
-    return dm
+    return prepared_datamodule(cfg.data)
 
 
 def fold_scores(run: Path, source: str) -> tuple[int, list[float]]:

@@ -48,11 +48,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.get("seed", 42), workers=True)
     stored = load_checkpoint_metrics(ckpt)
     model = FaultClassifier.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
-    from .data.datamodule import build_datamodule
+    from .data.datamodule import prepared_datamodule
 
-    datamodule = build_datamodule(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule = prepared_datamodule(cfg.data)
     if list(datamodule.labels) != model.labels:
         raise ConfigError(
             f"The checkpoint was trained on labels {model.labels}, the data has "

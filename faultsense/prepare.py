@@ -18,12 +18,10 @@ from .errors import FaultSenseError
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate `cfg.data`, run prepare_data + setup, return a summary (counts per label/fold)."""
-    from .data.datamodule import build_datamodule
+    from .data.datamodule import prepared_datamodule
 
     start = time.perf_counter()
-    dm = build_datamodule(cfg.data)
-    dm.prepare_data()
-    dm.setup()
+    dm = prepared_datamodule(cfg.data)
     rows = [r for c in dm.caches for r in c.rows]
     stats = dm.stats
     return {

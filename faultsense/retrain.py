@@ -126,7 +126,7 @@ def retrain(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _retrain(cfg: DictConfig, status: JobStatus) -> dict[str, Any]:
-    from .data.datamodule import build_datamodule
+    from .data.datamodule import prepared_datamodule
     from .models.classifier import FaultClassifier
 
     epochs = cfg.get("epochs")
@@ -142,17 +142,16 @@ def _retrain(cfg: DictConfig, status: JobStatus) -> dict[str, Any]:
     rate, clip = parent.sample_rate, parent.clip_samples
     log.info("Fine-tuning %s for %d epochs", parent.version, epochs)
 
-    # The data must match the bundle's input (rate, clip length); uploads join train.
-    data_cfg = copy.deepcopy(cfg.data)
-    OmegaConf.update(data_cfg, "sample_rate", rate, force_add=True)
-    OmegaConf.update(data_cfg, "clip_seconds", clip / rate, force_add=True)
-    OmegaConf.update(data_cfg, "uploads_dir", str(cfg.paths.uploads_dir), force_add=True)
-    OmegaConf.update(data_cfg, "include_uploads", True, force_add=True)
-    # A bundle has no category head: clips without a fault label would teach it nothing.
-    OmegaConf.update(data_cfg, "aux_clips", False, force_add=True)
-    datamodule = build_datamodule(data_cfg)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    # The data must match the bundle's input (rate, clip length); uploads join train. A
+    # bundle has no category head: clips without a fault label would teach it nothing.
+    datamodule = prepared_datamodule(
+        cfg.data,
+        sample_rate=rate,
+        clip_seconds=clip / rate,
+        uploads_dir=str(cfg.paths.uploads_dir),
+        include_uploads=True,
+        aux_clips=False,
+    )
     if list(datamodule.labels) != parent.labels:
         raise ModelError(
             f"Model {parent.version} predicts {parent.labels} but the data has labels "

@@ -99,13 +99,11 @@ def train(cfg: DictConfig) -> TrainResult:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    from .data.datamodule import build_datamodule
+    from .data.datamodule import prepared_datamodule
 
-    datamodule = build_datamodule(cfg.data)
-    if not cfg.model.get("aux_weight"):
-        datamodule.aux_clips = False  # clips with no fault label would only cost time
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    # Clips with no fault label only cost time for a model without a category head.
+    no_aux = {} if cfg.model.get("aux_weight") else {"aux_clips": False}
+    datamodule = prepared_datamodule(cfg.data, **no_aux)
     class_weights = list(datamodule.class_weights) if cfg.get("class_weighted", True) else None
     model = instantiate(
         cfg.model,

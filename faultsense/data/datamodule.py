@@ -389,19 +389,28 @@ class FaultDataModule(LightningDataModule):
         return self._loader(dataset, self.eval_batch_size, train=False, collate=default_collate)
 
 
-def build_datamodule(data_cfg: Any) -> FaultDataModule:
-    """`hydra.utils.instantiate(cfg.data)`, but a FaultSenseError raised while building
-    comes out as itself (Hydra wraps it in InstantiationException), so CLIs can print it."""
+def build_datamodule(data_cfg: Any, **overrides: Any) -> FaultDataModule:
+    """`hydra.utils.instantiate(cfg.data, **overrides)`, but a FaultSenseError raised while
+    building comes out as itself (Hydra wraps it in InstantiationException), so CLIs can
+    print it."""
     import hydra
     from hydra.errors import InstantiationException
 
     try:
-        return hydra.utils.instantiate(data_cfg)
+        return hydra.utils.instantiate(data_cfg, **overrides)
     except InstantiationException as err:
         cause = err.__cause__
         if isinstance(cause, FaultSenseError):
             raise cause from None
         raise
+
+
+def prepared_datamodule(data_cfg: Any, **overrides: Any) -> FaultDataModule:
+    """`build_datamodule(data_cfg, **overrides)`, prepared and set up: ready to use."""
+    datamodule = build_datamodule(data_cfg, **overrides)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
 
 
 def find_raw(raw_dir: Path) -> Path | None:

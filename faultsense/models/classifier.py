@@ -67,12 +67,6 @@ def confusion_figure(matrix: list[list[int]], labels: list[str], title: str):
     return fig
 
 
-def _unpack(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(waves, labels[, categories]) -> (waves, labels, categories); -1 = no category."""
-    wave, target, *rest = batch
-    return wave, target, rest[0] if rest else torch.full_like(target, -1)
-
-
 class _KeepLength:
     """Mixin for LR schedulers: on resume keep this run's schedule length (a run resumed
     with a larger max_epochs continues along the longer schedule instead of failing)."""
@@ -218,7 +212,7 @@ class FaultClassifier(L.LightningModule):
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int):
-        wave, target, category = _unpack(batch)
+        wave, target, category = batch
         targets = torch.stack([target, category], dim=1)
         wave = self.wave_augment(wave)
         if self.mixup_alpha > 0 and torch.rand(()) < self.mixup_p:
@@ -234,7 +228,7 @@ class FaultClassifier(L.LightningModule):
         return loss
 
     def _eval_step(self, batch: tuple[torch.Tensor, ...], stage: str) -> None:
-        wave, target, _ = _unpack(batch)
+        wave, target, _ = batch
         logits = self.net(wave)
         loss_metric = self.val_loss if stage == "val" else self.test_loss
         metrics = self.val_metrics if stage == "val" else self.test_metrics
