@@ -15,28 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from timing import median_seconds
 from torch.utils.flop_counter import FlopCounterMode
 
 from faultsense import CONFIG_DIR
 from faultsense.models.classifier import FaultClassifier
 from faultsense.models.frontend import SpecAugment, WaveAugment
-
-
-def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import median_seconds
 
 from faultsense.inference import FAST_PATHS, Predictor, build_runner
 from faultsense.models.net import build_net
@@ -45,25 +45,13 @@ def default_spec() -> dict:
     }
 
 
-def timeit(fn, reps: int, warmup: int = 2) -> float:
-    """Median seconds per call over `reps` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def interleaved(fns: dict, reps: int, rounds: int) -> dict[str, float]:
     """Best-of-`rounds` median seconds per call; rounds alternate between the variants so
     a noisy neighbour on a shared machine slows them all alike instead of one."""
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(rounds):
         for name, fn in fns.items():
-            best[name] = min(best[name], timeit(fn, reps))
+            best[name] = min(best[name], median_seconds(fn, reps))
     return best
 
 
@@ -134,7 +122,7 @@ def main() -> None:
     )
     b1, b32 = times["b1"], times["b32"]
     windows = len(predictor.predict(long_clip)[0]["windows"])
-    long_s = timeit(lambda: predictor.predict(long_clip), reps32)
+    long_s = median_seconds(lambda: predictor.predict(long_clip), reps32)
     print(f"\nPredictor.predict end to end (fast_path={predictor.fast_path}):")
     print(f"  batch 1:  {b1 * 1e3:.2f} ms per clip")
     print(f"  batch 32: {32 / b32:.1f} clips/s ({b32 / 32 * 1e3:.2f} ms per clip)")
