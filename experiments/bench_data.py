@@ -29,7 +29,7 @@ def timed_epochs(loader, epochs: int) -> tuple[int, int, float]:
     clips = batches = 0
     start = time.perf_counter()
     for _ in range(epochs):
-        for waves, _labels in loader:
+        for waves, _labels, _categories in loader:
             clips += waves.shape[0]
             batches += 1
     return clips, batches, time.perf_counter() - start

@@ -176,7 +176,7 @@ def load_clip(path: str | Path, max_seconds: float) -> tuple[np.ndarray, int]:
     """Decode a clip for display at its own sample rate: mono float32 [T] and the rate.
 
     Uses the project's one decoder (same errors as the server), but at the file's native
-    rate so the app never resamples (that would pull in torch).
+    rate: the waveform plot shows the file as uploaded.
     """
     import soundfile as sf
 

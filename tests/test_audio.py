@@ -97,3 +97,17 @@ def test_sliding_windows_cover_the_whole_clip():
     assert windows.shape == (3, 4)
     assert windows[-1].tolist() == [6, 7, 8, 9]
     assert audio.sliding_windows(np.ones(3, np.float32), 4, 2).shape == (1, 4)
+
+
+def test_resampling_keeps_the_tone_and_removes_what_would_alias():
+    """44.1 kHz -> 16 kHz: a 1 kHz tone keeps its pitch and level; a 12 kHz tone (above the
+    new 8 kHz Nyquist) is filtered out instead of folding back to 4 kHz."""
+    rate = 44_100
+    t = np.arange(rate) / rate
+    low = audio.resample((0.5 * np.sin(2 * np.pi * 1_000 * t)).astype(np.float32), rate, 16_000)
+    high = audio.resample((0.5 * np.sin(2 * np.pi * 12_000 * t)).astype(np.float32), rate, 16_000)
+    assert low.dtype == np.float32 and low.shape == (16_000,)
+    spectrum = np.abs(np.fft.rfft(low))  # 1 Hz per bin
+    assert int(spectrum.argmax()) == 1_000
+    assert np.sqrt(np.mean(low**2)) == pytest.approx(0.5 / np.sqrt(2), rel=0.02)
+    assert np.sqrt(np.mean(high[100:-100] ** 2)) < 1e-3

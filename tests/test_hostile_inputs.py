@@ -71,7 +71,7 @@ def _check_outcome(payload: hostile.Payload) -> str:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("payload", LIBRARY_CASES, ids=lambda p: p.name)
 def test_decode_refuses_or_cleanly_accepts_each_hostile_payload(payload):
-    _check_outcome(payload)  # warms the resampler caches so the traced run measures decode only
+    _check_outcome(payload)  # warms lazy imports so the traced run measures decode only
     tracemalloc.start()
     try:
         _check_outcome(payload)

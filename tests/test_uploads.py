@@ -176,3 +176,30 @@ def test_an_upload_killed_midway_leaves_no_partial_file_or_row(tmp_path: Path):
     for tmp in store.root.rglob(".*tmp*"):  # the dead process's temp manifest
         tmp.unlink()
     assert_consistent(store)
+
+
+def test_uploads_never_load_torch(tmp_path: Path):
+    """The HTTP processes validate uploads; a 44.1 kHz stereo upload (resampled) must not
+    pull torch (~500 MiB resident per process) into them."""
+    (tmp_path / "cd.wav").write_bytes(wav_bytes(12, sr=44_100, channels=2))
+    code = textwrap.dedent(
+        """
+        import sys
+        from pathlib import Path
+        import serving.server
+        from faultsense.data.uploads import UploadStore
+        root, src = map(Path, sys.argv[1:])
+        result = UploadStore(root).add(src.read_bytes(), "normal", "cd.wav", max_seconds=10)
+        assert result.status == "stored", result
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchaudio")))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "up"), str(tmp_path / "cd.wav")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -36,7 +36,7 @@ from .esc50 import ClipRow
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: resampled with soxr (was torchaudio)
 DATA_FILE = "waves.int16"
 INDEX_FILE = "index.json"
 INT16_SCALE = 32767.0
@@ -167,12 +167,6 @@ def _build(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    import torch
-
-    # One clip is too small to split across threads: intra-op threads only spin against
-    # each other (10x slower on a busy 2-core box), so resample single-threaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     start = time.perf_counter()
     kept: list[ClipRow] = []
     skipped: list[dict[str, str]] = []
@@ -215,7 +209,6 @@ def _build(
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
-        torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.perf_counter() - start
     log.info("Built waveform cache %s: %d clips in %.1f s", path, len(kept), elapsed)
