@@ -276,9 +276,9 @@ def test_aux_category_head_trains_with_the_net_and_stays_out_of_the_bundle(
         num_categories=len(dm.categories),
         aux_weight=0.5,
     )
-    assert (
-        model.aux_head is not None and model.hparams["num_categories"] == len(dm.categories) == 9
-    )  # 8 + dog (aux-only)
+    # The 8 mapped synthetic categories + dog, an aux-only one.
+    assert model.aux_head is not None
+    assert model.hparams["num_categories"] == len(dm.categories) == 9
 
     # Targets of -1 (an upload's category, an aux-only clip's label) add nothing, never NaN.
     with torch.no_grad():
