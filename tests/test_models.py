@@ -123,6 +123,20 @@ def test_faultnet_is_waveform_to_logits_deterministic_and_batch_independent():
         assert torch.allclose(again.eval()(wave), logits, atol=1e-6)
 
 
+def test_stem_pool_gives_128_mel_bands_the_residual_maps_of_64():
+    coarse = build_net(cnn_spec(n_mels=64)).eval()
+    spec = cnn_spec(n_mels=128, n_fft=1024, win_ms=32)
+    spec["backbone"]["stem_pool"] = [4, 2]  # a JSON list, as a bundle spec holds it
+    fine = build_net(json.loads(json.dumps(spec))).eval()
+    wave = torch.randn(2, SR)
+    with torch.no_grad():
+        fine_feats, coarse_feats = fine.frontend(wave), coarse.frontend(wave)
+        assert fine_feats.shape[2] == 2 * coarse_feats.shape[2]
+        # Same map into the residual stages, so the same cost after the stem.
+        assert fine.backbone.stem(fine_feats).shape == coarse.backbone.stem(coarse_feats).shape
+        assert fine(wave).shape == (2, 4)
+
+
 @pytest.mark.parametrize("target", ["os.system", "torch.nn.Linear", None])
 def test_backbones_come_only_from_the_allowlist(target):
     spec = cnn_spec()

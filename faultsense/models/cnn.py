@@ -44,7 +44,9 @@ class FaultCNN(nn.Module):
         widths: channels per stage; the first stage runs at the stem's resolution, each
             later one halves both axes.
         blocks_per_stage: residual blocks per stage (depth).
-        stem_stride: stride of the first conv (before a further 2x max-pool).
+        stem_stride: stride of the first conv.
+        stem_pool: max-pool after the stem conv, (frequency, time) or one int for both;
+            (4, 2) gives 128 mel bands the residual stages' map size of 64 bands.
         dropout: Dropout2d inside residual blocks.
     """
 
@@ -53,6 +55,7 @@ class FaultCNN(nn.Module):
         widths: Sequence[int] = (16, 32, 64, 128),
         blocks_per_stage: int = 1,
         stem_stride: int = 2,
+        stem_pool: int | Sequence[int] = 2,
         dropout: float = 0.1,
         in_channels: int = 1,
     ) -> None:
@@ -62,7 +65,7 @@ class FaultCNN(nn.Module):
             nn.Conv2d(in_channels, widths[0], 3, stride=stem_stride, padding=1, bias=False),
             nn.BatchNorm2d(widths[0]),
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
+            nn.MaxPool2d(stem_pool if isinstance(stem_pool, int) else tuple(stem_pool)),
         )
         layers: list[nn.Module] = []
         c_in = widths[0]
