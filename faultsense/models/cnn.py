@@ -1,7 +1,8 @@
 """A small residual CNN over spectrogram features, built for CPU serving speed.
 
-A strided stem plus max-pool shrinks the time-frequency map 4x per axis before any residual
-block runs, and each later stage halves it again, so most FLOPs sit in small maps. The
+A strided stem plus max-pool shrinks the time-frequency map 4x per axis (by default;
+`stem_pool` can pool frequency harder) before any residual block runs, and each later
+stage halves it again, so most FLOPs sit in small maps. The
 embedding pools frequency by mean and time by mean + max (events are often short).
 """
 
