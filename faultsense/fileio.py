@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +66,12 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def display_name(filename: Any, limit: int = 200, default: str = "upload") -> str:
+    """A client's file name as safe display text (NFC, printable, last path part, at most
+    `limit` characters; `default` when nothing is left). Never used as a path."""
+    text = unicodedata.normalize("NFC", str(filename or ""))
+    text = "".join(ch for ch in text if ch.isprintable())
+    text = text.replace("\\", "/").rsplit("/", 1)[-1].strip() or default
+    return text[:limit]
