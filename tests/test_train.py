@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from faultsense.errors import ConfigError
 from tests.fixtures.data import SYNTH_CLIP_SECONDS, compose_config
@@ -33,24 +35,51 @@ def test_every_experiment_preset_composes(experiment, tmp_path):
         assert logits.shape == (2, 4)
 
 
-@pytest.mark.parametrize(
-    "override",
-    [
-        "trainer=cpu",
-        "trainer=gpu",
-        "trainer=ddp",
-        "trainer=ddp_cpu",
-        "logger=csv",
-        "logger=none",
-        "model=wav2vec2",
-        "hparams_search=cnn_optuna",
-        "hydra/launcher=joblib",
-        "hydra/launcher=submitit_slurm",
-    ],
-)
+def _trainer(cfg: DictConfig) -> tuple:
+    t = cfg.trainer
+    return t.accelerator, t.devices, t.get("strategy", "auto")
+
+
+# Each override and what it must change in the composed config (the default is W&B on one
+# auto device with the basic launcher, the CNN, no sweeper).
+CONFIG_GROUP_EFFECTS = {
+    "trainer=cpu": lambda c: _trainer(c) == ("cpu", 1, "auto"),
+    "trainer=gpu": lambda c: _trainer(c) == ("gpu", 1, "auto"),
+    "trainer=ddp": lambda c: _trainer(c) == ("gpu", "auto", "ddp") and c.trainer.sync_batchnorm,
+    "trainer=ddp_cpu": lambda c: _trainer(c) == ("cpu", 2, "ddp") and not c.trainer.sync_batchnorm,
+    "logger=csv": lambda c: (
+        list(c.logger) == ["csv"] and c.logger.csv._target_.endswith("CSVLogger")
+    ),
+    "logger=none": lambda c: not c.get("logger"),
+    "model=wav2vec2": lambda c: (
+        c.model.net.backbone._target_.endswith("Wav2Vec2Backbone")
+        and c.model.net.frontend.kind == "waveform"
+    ),
+    "hparams_search=cnn_optuna": lambda c: (
+        c.hydra.sweeper._target_.endswith("OptunaSweeper")
+        and c.hydra.sweeper.direction == "maximize"
+        and "model.optimizer.lr" in c.hydra.sweeper.params
+    ),
+    "hydra/launcher=joblib": lambda c: c.hydra.launcher._target_.endswith("JoblibLauncher"),
+    "hydra/launcher=submitit_slurm": lambda c: c.hydra.launcher._target_.endswith("SlurmLauncher"),
+    "experiment=smoke": lambda c: (
+        c.data.name == "synthetic"
+        and c.trainer.max_epochs == 3
+        and list(c.model.net.backbone.widths) == [8, 16, 32]
+        and list(c.logger) == ["csv"]
+    ),
+}
+
+
+@pytest.mark.parametrize("override", sorted(CONFIG_GROUP_EFFECTS))
 def test_config_groups_compose(override):
-    cfg = compose_config("train", [override])
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        default = compose("train", return_hydra_config=True)
+        cfg = compose("train", overrides=[override], return_hydra_config=True)
     assert cfg.optimized_metric == "val/f1_macro_best"
+    assert CONFIG_GROUP_EFFECTS[override](cfg), OmegaConf.to_yaml(cfg, resolve=False)[:3000]
+    # ... and the default does not already have it (the override is what made it so).
+    assert not CONFIG_GROUP_EFFECTS[override](default), override
 
 
 def test_short_cnn_run_learns_the_synthetic_set(smoke_checkpoint):
@@ -180,23 +209,31 @@ def test_wandb_is_offline_unless_logged_in(monkeypatch, tmp_path):
     assert wandb_logger(save_dir=str(tmp_path))._offline is True
 
 
-def test_cli_reports_a_bad_config_without_a_traceback(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "faultsense.train",
-            "experiment=smoke",
-            f"paths.root_dir={tmp_path}",
-            "model.net.backbone._target_=os.system",
-            "data.source=" + str(tmp_path / "nowhere"),
-            "data.synthetic=null",
-        ],
+def _train_cli(overrides: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "faultsense.train", "experiment=smoke", *overrides],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=ROOT,
         env={**os.environ, "HYDRA_FULL_ERROR": "0"},
     )
-    assert out.returncode != 0
-    assert "Error" in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+def test_cli_refuses_a_backbone_outside_the_allowlist_by_its_field(synthetic_overrides):
+    # Valid data, so the run reaches the model and the allowlist is what refuses.
+    out = _train_cli([*synthetic_overrides, "model.net.backbone._target_=os.system"])
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "ConfigError" in out.stderr, out.stderr[-3000:]
+    assert "model.net.backbone._target_='os.system' is not an allowed backbone" in out.stderr
+
+
+def test_cli_reports_a_missing_data_source_by_its_field(tmp_path):
+    missing = tmp_path / "nowhere"
+    out = _train_cli(
+        [f"paths.root_dir={tmp_path}", f"data.source={missing}", "data.synthetic=null"]
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert f"DataError: data.source={missing} does not exist" in out.stderr, out.stderr[-3000:]
