@@ -14,6 +14,10 @@ them at batch 32, without compile's ~1 min warm-up per process and per batch sha
 (which would also stall every hot reload), so it is the default. If tracing
 fails or changes the outputs (e.g. a backbone that cannot be traced), the Predictor
 falls back to eager mode and logs why.
+
+Device: `device="cuda:0"` (or any torch device) puts the net, every input batch and the
+traced graph on that device; probabilities always come back as numpy on the CPU. The
+default is the CPU.
 """
 
 from __future__ import annotations
@@ -56,8 +60,14 @@ def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
     return starts
 
 
-def build_runner(net: nn.Module, clip_samples: int, fast_path: str = DEFAULT_FAST_PATH):
-    """Wrap an eval-mode net (waveforms [N, clip_samples] -> logits [N, C]) in `fast_path`.
+def build_runner(
+    net: nn.Module,
+    clip_samples: int,
+    fast_path: str = DEFAULT_FAST_PATH,
+    device: str | torch.device = "cpu",
+):
+    """Move an eval-mode net (waveforms [N, clip_samples] -> logits [N, C]) to `device`
+    and wrap it in `fast_path`; the runner takes input tensors on that device.
 
     Returns `(runner, used_path)`; `used_path` is "eager" when the requested path could
     not be built faithfully.
@@ -66,12 +76,14 @@ def build_runner(net: nn.Module, clip_samples: int, fast_path: str = DEFAULT_FAS
 
     if fast_path not in FAST_PATHS:
         raise ConfigError(f"fast_path={fast_path!r}: choose one of {', '.join(FAST_PATHS)}.")
-    net = net.eval()
+    net = net.to(device).eval()
     if fast_path == "eager":
         return net, "eager"
     if fast_path == "channels_last":
         return net.to(memory_format=torch.channels_last), "channels_last"
+    # Made on the CPU (seeded, the same everywhere), then moved: the trace runs on `device`.
     example = torch.randn(3, clip_samples, generator=torch.Generator().manual_seed(0)) * 0.1
+    example = example.to(device)
     try:
         # TorchScript is deprecated upstream but still the fastest CPU path on the pinned
         # torch 2.11 (see the module docstring); the warnings would only repeat that.
@@ -99,6 +111,7 @@ class _Loaded:
     meta: dict[str, Any]
     runner: Callable[[torch.Tensor], torch.Tensor]
     fast_path: str
+    device: str
     labels: tuple[str, ...]
     sample_rate: int
     clip_samples: int
@@ -122,10 +135,13 @@ class Predictor:
         follow_current: bool = False,
         fast_path: str = DEFAULT_FAST_PATH,
         max_batch: int = DEFAULT_MAX_BATCH,
+        device: str | torch.device | None = None,
     ) -> None:
         self._registry = registry
         self._follow = follow_current and registry is not None
         self._fast_path = fast_path
+        # Kept as text: `_Loaded` is swapped on reload and rebuilt on the same device.
+        self._device = str(device or "cpu")
         self.max_batch = max(1, int(max_batch))
         self._reload_lock = threading.Lock()
         self._pointer = self._pointer_stat() if self._follow else None
@@ -138,9 +154,12 @@ class Predictor:
         cls,
         root: str | os.PathLike[str] | None = None,
         version: str | None = None,
+        *,
+        device: str | torch.device | None = None,
         **kwargs: Any,
     ) -> Predictor:
-        """Load `version`, or the current version (then `reload_if_changed` follows it)."""
+        """Load `version`, or the current version (then `reload_if_changed` follows it), on
+        `device` (default the CPU; e.g. "cuda:0"). Other keywords go to the constructor."""
         registry = Registry(root)
         follow = version is None
         if follow:
@@ -150,7 +169,9 @@ class Predictor:
             bundle = registry.current()
         else:
             stat, bundle = None, registry.get(version)
-        predictor = cls.from_bundle(bundle, registry=registry, follow_current=follow, **kwargs)
+        predictor = cls.from_bundle(
+            bundle, registry=registry, follow_current=follow, device=device, **kwargs
+        )
         predictor._pointer = stat
         return predictor
 
@@ -160,12 +181,13 @@ class Predictor:
 
     def _load(self, net: nn.Module, meta: dict[str, Any]) -> _Loaded:
         clip = int(meta["clip_samples"])
-        runner, used = build_runner(net, clip, self._fast_path)
+        runner, used = build_runner(net, clip, self._fast_path, self._device)
         return _Loaded(
             version=meta.get("version"),
             meta=dict(meta),
             runner=runner,
             fast_path=used,
+            device=self._device,
             labels=tuple(meta["labels"]),
             sample_rate=int(meta["sample_rate"]),
             clip_samples=clip,
@@ -199,6 +221,11 @@ class Predictor:
         return self._loaded.fast_path
 
     @property
+    def device(self) -> str:
+        """The torch device the net and its input batches are on ("cpu", "cuda:0", ...)."""
+        return self._loaded.device
+
+    @property
     def meta(self) -> dict[str, Any]:
         """The bundle.json of the loaded version (metrics, created_at, ...)."""
         return dict(self._loaded.meta)
@@ -224,8 +251,9 @@ class Predictor:
         probs = np.empty((len(windows), len(model.labels)), dtype=np.float32)
         with torch.inference_mode():
             for lo in range(0, len(windows), self.max_batch):
-                batch = torch.from_numpy(windows[lo : lo + self.max_batch])
-                probs[lo : lo + len(batch)] = torch.softmax(model.runner(batch).float(), 1).numpy()
+                batch = torch.from_numpy(windows[lo : lo + self.max_batch]).to(model.device)
+                logits = model.runner(batch).float()
+                probs[lo : lo + len(batch)] = torch.softmax(logits, 1).cpu().numpy()
 
         results, offset = [], 0
         sr = model.sample_rate

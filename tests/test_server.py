@@ -390,3 +390,43 @@ def test_server_refuses_to_start_without_a_current_model(tmp_path):
     assert done.returncode != 0
     assert "No current model" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+# -- devices ------------------------------------------------------------------------------
+
+
+def test_server_on_an_explicit_device_reports_it_per_worker(tmp_path, trained_registry):
+    """`server.accelerator` reaches the model: each worker's Predictor is built on the
+    device LitServe gives it, and /status says which (here two workers on the CPU)."""
+    from tests.fixtures.server import start_server
+
+    extra = ["server.accelerator=cpu", "server.workers_per_device=2", "server.num_api_servers=1"]
+    with start_server(tmp_path / "srv", trained_registry, extra=extra) as server:
+        with _client(server) as client:
+            serving = client.get("/status").json()["serving"]
+            assert serving["workers"] == 2
+            assert serving["devices"] == ["cpu", "cpu"], serving
+            response = client.post(
+                "/predict", content=_wav(), headers={"Content-Type": "audio/wav"}
+            )
+            assert response.status_code == 200, response.text
+            _check_prediction(response.json(), 2.0)
+        assert "Worker ready on cpu" in server.log_text()
+
+
+def test_shared_stats_keep_one_device_per_worker():
+    from serving.worker import DEVICE_CHARS, SharedStats, torch_device
+
+    stats = SharedStats(3)
+    assert stats.devices() == [None, None, None]
+    stats.set_device(2, "cuda:1")
+    stats.set_device(0, "cpu")
+    stats.set_device(0, "cuda:0")  # a restarted worker overwrites its own slot
+    stats.set_device(7, "cpu")  # a worker id LitServe did not announce is ignored
+    stats.set_device(1, "x" * (DEVICE_CHARS + 5))
+    assert stats.devices() == ["cuda:0", "x" * DEVICE_CHARS, "cuda:1"]
+    stats.record_batch(requests=4, served=3)
+    assert stats.counts()[:4] == [4, 1, 3, 1]  # requests, batches, max batch, rejected
+    assert torch_device("cpu") == "cpu"
+    assert torch_device(["cuda:0", "cuda:1"]) == "cuda:0"
+    assert torch_device(None) == "cpu"

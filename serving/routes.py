@@ -1,0 +1,313 @@
+"""The server's MLOps routes, one module-level function each, on one FastAPI `APIRouter`:
+status, models (list, promote, rollback), insights, uploads and retraining.
+
+A route gets the server's shared state as a `ServerContext` (settings, registry, upload
+store, job runner, worker stats, API key) through `Depends(server_context)`; the server
+puts that context on `app.state.faultsense` before it mounts `router`. A new route is one
+function here. Blocking work (registry, uploads, jobs) runs in the thread pool; errors
+are raised (`HTTPError`, `FaultSenseError`) and answered by the server's exception
+handlers as `{"error": ...}` with a 4xx. The HTTP contract is in docs/INTERNALS.md.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from faultsense.data.uploads import UploadStore
+from faultsense.errors import FaultSenseError, RegistryError
+from faultsense.fileio import display_name
+from faultsense.registry import Registry, check_version
+from faultsense.taxonomy import validate_label
+
+from .http_helpers import (
+    HTTPError,
+    check_api_key,
+    content_type,
+    error_response,
+    json_body,
+    validated,
+)
+from .insights import training_report
+from .jobs import JobBusyError, JobRunner
+from .settings import ServeSettings
+from .worker import (
+    STAT_BATCHES,
+    STAT_MAX_BATCH,
+    STAT_REJECTED,
+    STAT_RELOADS,
+    STAT_REQUESTS,
+    SharedStats,
+)
+
+# Fields of a retrain job shown in /status (the full job is GET /retrain/{job_id}).
+RETRAIN_SUMMARY_KEYS = (
+    "job_id", "state", "epoch", "max_epochs", "metrics", "decision", "version", "error",
+)  # fmt: skip
+MODEL_ROW_KEYS = ("version", "created_at", "metrics", "parent_version", "current", "error")
+# GET /retrain lists at most this many job ids (the newest).
+MAX_LISTED_JOBS = 50
+
+
+@dataclass
+class ServerContext:
+    """What the routes share, built once by the server (and inherited by each forked
+    HTTP process)."""
+
+    settings: ServeSettings
+    registry: Registry
+    uploads: UploadStore
+    jobs: JobRunner
+    stats: SharedStats
+    api_key: str | None
+    handler: Any = None  # LitServe's request handler for /predict (serving/server.py)
+
+    def require_key(self, request: Request) -> None:
+        """401/403 unless the request carries the API key (when one is configured)."""
+        check_api_key(request, self.api_key)
+
+
+def server_context(request: Request) -> ServerContext:
+    """The context the server stored on `app.state.faultsense` (a FastAPI dependency)."""
+    return request.app.state.faultsense
+
+
+Ctx = Annotated[ServerContext, Depends(server_context)]
+router = APIRouter()
+
+
+# -- status and models ------------------------------------------------------------------
+
+
+@router.get("/status")
+async def status(ctx: Ctx) -> JSONResponse:
+    """Model, uploads, latest retrain job, serving counters and auth, in one object."""
+
+    def collect() -> dict[str, Any]:
+        return {
+            "model": model_summary(ctx.registry),
+            "uploads": ctx.uploads.counts(),
+            "retrain": retrain_summary(ctx.jobs),
+            "serving": serving_summary(ctx.stats, ctx.settings),
+            "auth": {
+                "api_key_required": ctx.api_key is not None,
+                "predict_protected": ctx.settings.protect_predict,
+            },
+        }
+
+    return JSONResponse(await run_in_threadpool(collect))
+
+
+@router.get("/models")
+async def models(ctx: Ctx) -> JSONResponse:
+    """Every registered version, the current one and the promotion history."""
+
+    def collect() -> dict[str, Any]:
+        rows = ctx.registry.list()
+        return {
+            "current": ctx.registry.current_version(),
+            "versions": [{k: row.get(k) for k in MODEL_ROW_KEYS if k in row} for row in rows],
+            "history": ctx.registry.history(),
+        }
+
+    return JSONResponse(await run_in_threadpool(collect))
+
+
+@router.get("/insights")
+async def insights(ctx: Ctx) -> JSONResponse:
+    """The current model's training report for the app's Insights tab (serving/insights.py)."""
+    bundle = await run_in_threadpool(ctx.registry.current)
+    return JSONResponse(await run_in_threadpool(training_report, bundle.meta))
+
+
+@router.post("/models/{version}/promote")
+async def promote(version: str, request: Request, ctx: Ctx) -> JSONResponse:
+    """Make a registered version current; 404 when it is not registered."""
+    ctx.require_key(request)
+    known_version(ctx.registry, version)
+    await run_in_threadpool(ctx.registry.promote, version, "promoted through the API")
+    return JSONResponse({"current": ctx.registry.current_version()})
+
+
+class RollbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str | None = None
+
+
+@router.post("/models/rollback")
+async def rollback(request: Request, ctx: Ctx) -> JSONResponse:
+    """Back to `version`, or (empty body) to the previously promoted version."""
+    ctx.require_key(request)
+    body = validated(RollbackBody, await json_body(request))
+    if body.version is not None:
+        known_version(ctx.registry, body.version)
+    current = await run_in_threadpool(
+        ctx.registry.rollback, body.version, "rolled back through the API"
+    )
+    return JSONResponse({"current": current})
+
+
+# -- uploads ----------------------------------------------------------------------------
+
+
+@router.post("/upload")
+async def upload(request: Request, ctx: Ctx) -> JSONResponse:
+    """Store labeled clips for retraining; 422 (same body + error) when none was stored."""
+    ctx.require_key(request)
+    label, files = await upload_form(request, ctx.settings)
+    results = [await store_upload(ctx, f, label) for f in files]
+    body = {"results": results, "counts": await run_in_threadpool(ctx.uploads.counts)}
+    if all(r["status"] == "rejected" for r in results):
+        message = "No file was stored: " + "; ".join(r["error"] for r in results)
+        return error_response(422, message, **body)
+    return JSONResponse(body)
+
+
+# -- retraining -------------------------------------------------------------------------
+
+
+@router.post("/retrain")
+async def retrain(request: Request, ctx: Ctx) -> JSONResponse:
+    """Start a retraining job (202 with its id); 409 with the running job's id."""
+    ctx.require_key(request)
+    s = ctx.settings
+    body_model = retrain_body_model(s.retrain_default_epochs, s.retrain_max_epochs)
+    body = validated(body_model, await json_body(request))
+    try:
+        job_id = await run_in_threadpool(ctx.jobs.start, epochs=body.epochs, force=body.force)
+    except JobBusyError as e:
+        return error_response(409, str(e), job_id=e.job_id)
+    return JSONResponse({"job_id": job_id}, status_code=202)
+
+
+@router.get("/retrain")
+async def retrain_jobs(ctx: Ctx) -> JSONResponse:
+    """The newest job ids (oldest first) and the running one."""
+    ids = await run_in_threadpool(ctx.jobs.job_ids)
+    active = await run_in_threadpool(ctx.jobs.active)
+    return JSONResponse({"jobs": ids[-MAX_LISTED_JOBS:], "active": active})
+
+
+@router.get("/retrain/{job_id}")
+async def retrain_job(job_id: str, ctx: Ctx) -> JSONResponse:
+    """One job's state, decision and log tail; 404 for an unknown id."""
+    job = await run_in_threadpool(ctx.jobs.get, job_id)
+    if job is None:
+        raise HTTPError(404, f"Unknown retraining job {display_name(job_id, 80)!r}.")
+    return JSONResponse(job)
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def model_summary(registry: Registry) -> dict[str, Any]:
+    """The current bundle's version, metrics and lineage; `error` when there is none."""
+    try:
+        bundle = registry.current()
+    except RegistryError as e:
+        return {"version": None, "error": str(e)}
+    return {
+        "version": bundle.version,
+        "metrics": bundle.metrics,
+        "created_at": bundle.meta.get("created_at"),
+        "parent_version": bundle.meta.get("parent_version"),
+        "labels": bundle.labels,
+    }
+
+
+def retrain_summary(jobs: JobRunner) -> dict[str, Any]:
+    """The latest job's state and outcome, or `{"state": "idle"}` when none ran."""
+    job = jobs.latest()
+    if job is None:
+        return {"state": "idle", "job_id": None}
+    return {k: job.get(k) for k in RETRAIN_SUMMARY_KEYS}
+
+
+def serving_summary(stats: SharedStats, settings: ServeSettings) -> dict[str, Any]:
+    """The workers' counters, their devices and the batching settings."""
+    values = stats.counts()
+    requests, batches, rejected = (
+        values[STAT_REQUESTS], values[STAT_BATCHES], values[STAT_REJECTED],
+    )  # fmt: skip
+    return {
+        "requests": requests,
+        "batches": batches,
+        "rejected": rejected,
+        "max_batch_size_seen": values[STAT_MAX_BATCH],
+        "mean_batch_size": round((requests - rejected) / batches, 3) if batches else 0.0,
+        "reloads": values[STAT_RELOADS],
+        "max_batch_size": settings.max_batch_size,
+        "batch_timeout": settings.batch_timeout,
+        "workers": settings.workers_per_device,
+        "devices": stats.devices(),
+        "api_servers": settings.num_api_servers,
+    }
+
+
+def known_version(registry: Registry, version: str) -> str:
+    """`version` when it is registered: 4xx (RegistryError) when it is not shaped like
+    v<N>, 404 when no such version exists."""
+    check_version(version)
+    if version not in registry.versions():
+        raise HTTPError(404, f"Model version {version} is not registered.")
+    return version
+
+
+@functools.cache
+def retrain_body_model(default_epochs: int, max_epochs: int) -> type[BaseModel]:
+    """The POST /retrain body: strict types, only these fields, epochs within the
+    operator's bounds (one model per pair of bounds)."""
+
+    class RetrainBody(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        epochs: StrictInt = Field(default=default_epochs, ge=1, le=max_epochs)
+        force: StrictBool = False
+
+    return RetrainBody
+
+
+async def upload_form(request: Request, settings: ServeSettings) -> tuple[str, list[UploadFile]]:
+    """The validated label and the files of a multipart /upload request."""
+    if content_type(request) != "multipart/form-data":
+        raise HTTPError(
+            415, "Upload with multipart/form-data: one or more 'files' and a 'label' field."
+        )
+    form = await request.form(
+        max_files=settings.max_files_per_upload, max_fields=settings.max_files_per_upload + 8
+    )
+    label_field = form.get("label")
+    if not isinstance(label_field, str) or not label_field.strip():
+        raise HTTPError(422, "Missing form field 'label' (one of the fault labels).")
+    label = validate_label(label_field)
+    files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+    files += [f for f in form.getlist("file") if isinstance(f, UploadFile)]
+    if not files:
+        raise HTTPError(422, "No files: send one or more multipart fields named 'files'.")
+    return label, files
+
+
+async def store_upload(ctx: ServerContext, file: UploadFile, label: str) -> dict[str, Any]:
+    """One uploaded file stored (or found a duplicate, or rejected with the reason)."""
+    settings = ctx.settings
+    name = display_name(file.filename or "upload", settings.max_filename_chars)
+    data = await file.read()
+    try:
+        result = await run_in_threadpool(
+            ctx.uploads.add, data, label, name, max_seconds=settings.max_upload_seconds
+        )
+    except FaultSenseError as e:
+        return {"filename": name, "status": "rejected", "error": str(e)}
+    return {
+        "filename": name,
+        "status": result.status,
+        "sha256": result.sha256,
+        "label": result.label,
+        "seconds": result.seconds,
+    }
