@@ -17,8 +17,3 @@ def validate_label(label: str) -> str:
         shown = repr(label) if len(str(label)) <= 80 else repr(str(label)[:80]) + "..."
         raise LabelError(f"Unknown label {shown}. Expected one of: {', '.join(LABELS)}.")
     return cleaned
-
-
-def label_index(label: str) -> int:
-    """Index of `label` in LABELS (the class index models are trained on)."""
-    return LABEL_TO_INDEX[validate_label(label)]

@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 
 from faultsense import audio
-from faultsense.data import cache, esc50
+from faultsense.data import cache, esc50, manifest
 from faultsense.data.synthetic import write_synthetic
 from faultsense.errors import DataError
 from tests.fixtures.data import compose_config
@@ -37,7 +37,7 @@ def mapping() -> esc50.FaultMapping:
     return esc50.parse_mapping(compose_config("prepare").data.mapping)
 
 
-def rows_of(root: Path) -> list[esc50.ClipRow]:
+def rows_of(root: Path) -> list[manifest.ManifestRow]:
     return esc50.clip_rows(root, mapping())[0]
 
 
@@ -134,7 +134,7 @@ CRASHING_BUILD = textwrap.dedent(
     """
     import json, os, signal, sys
     from faultsense import audio
-    from faultsense.data import cache, esc50
+    from faultsense.data import cache, manifest
 
     real_decode, calls = audio.decode, 0
 
@@ -147,7 +147,7 @@ CRASHING_BUILD = textwrap.dedent(
 
     audio.decode = decode_then_crash
     spec = json.load(open(sys.argv[1]))
-    rows = [esc50.ClipRow(**r) for r in spec["rows"]]
+    rows = [manifest.ManifestRow.from_dict(r) for r in spec["rows"]]
     cache.get_or_build(rows, spec["root"], "t", sample_rate=spec["sr"], clip_samples=spec["n"],
                        mapping=spec["mapping"], progress=False)
     """

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from faultsense.data import esc50
+from faultsense.data import manifest
 from faultsense.data.datamodule import FaultDataModule, build_datamodule
 from faultsense.data.synthetic import synth_clip
 from faultsense.data.uploads import UploadStore
@@ -66,9 +66,9 @@ def test_batches_are_float_waveforms_and_int64_labels_from_the_cache(synthetic_d
     for row, label, category in zip(
         (rows[i] for i in dm.val_set.items[:16, 1]), labels, categories, strict=True
     ):
-        assert dm.categories[int(category)] == row.esc50_category
+        assert dm.categories[int(category)] == row.category
         assert LABELS[int(label)] == row.label
-    assert dm.categories == sorted({r.esc50_category for r in rows}) and "dog" in dm.categories
+    assert dm.categories == sorted({r.category for r in rows}) and "dog" in dm.categories
     # Item-wise access agrees with the batched read.
     wave, label, category = dm.val_set[3]
     assert torch.equal(wave, waves[3]) and int(label) == int(labels[3])
@@ -167,8 +167,8 @@ def test_uploads_join_the_training_split_only(tmp_path: Path, synthetic_override
     assert dm.class_counts["mechanical_fault"] == base.class_counts["mechanical_fault"] + 3
     assert dm.fingerprint != base.fingerprint
     assert dm.caches[0].path == base.caches[0].path  # the ESC-50 part is reused, not rebuilt
-    manifest = esc50.read_manifest(dm.manifest_path)
-    uploads = [r for r in manifest if r.source == "upload"]
+    written = manifest.read_manifest(dm.manifest_path)
+    uploads = [r for r in written if r.source == "upload"]
     assert len(uploads) == 3 and {(r.fold, r.label) for r in uploads} == {(0, "mechanical_fault")}
     # Upload rows are really read into training batches (from the uploads cache part).
     upload_pos = np.flatnonzero(dm.train_set.items[:, 0] == 1)

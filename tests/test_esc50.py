@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from faultsense.data import esc50
+from faultsense.data import esc50, manifest
 from faultsense.errors import ConfigError, DataError
 from faultsense.taxonomy import LABELS
 from tests.fixtures.data import SYNTH, compose_config, copy_source
@@ -48,18 +48,18 @@ def test_unmapped_drop_and_normal(synthetic_source: Path):
     dropped, stats = esc50.clip_rows(synthetic_source, default_mapping(unmapped="drop"))
     assert stats.clips == N_CLIPS and stats.mapped == N_CLIPS - SYNTH["clips_per_class"]
     assert stats.dropped_categories == ["dog"]
-    assert "dog" not in {r.esc50_category for r in dropped}
+    assert "dog" not in {r.category for r in dropped}
 
     kept, stats = esc50.clip_rows(synthetic_source, default_mapping(unmapped="normal"))
     assert stats.mapped == N_CLIPS and stats.dropped_categories == []
     labels = Counter(r.label for r in kept)
     assert labels["normal"] == 3 * SYNTH["clips_per_class"]  # engine, vacuum_cleaner and dog
-    assert {r.label for r in kept if r.esc50_category == "dog"} == {"normal"}
+    assert {r.label for r in kept if r.category == "dog"} == {"normal"}
 
     aux, stats = esc50.clip_rows(synthetic_source, default_mapping(unmapped="aux"))
     assert len(aux) == N_CLIPS and stats.mapped == N_CLIPS - SYNTH["clips_per_class"]
-    assert {r.label for r in aux if r.esc50_category == "dog"} == {esc50.AUX_ONLY}
-    assert esc50.AUX_ONLY not in {r.label for r in aux if r.esc50_category != "dog"}
+    assert {r.label for r in aux if r.category == "dog"} == {esc50.AUX_ONLY}
+    assert esc50.AUX_ONLY not in {r.label for r in aux if r.category != "dog"}
 
 
 @pytest.mark.parametrize(
@@ -260,10 +260,10 @@ def test_manifest_round_trip_is_atomic_and_has_the_contract_columns(
     tmp_path: Path, synthetic_source: Path
 ):
     rows, _ = esc50.clip_rows(synthetic_source, default_mapping())
-    path = esc50.write_manifest(rows, tmp_path / "m" / "esc50.csv")
-    assert path.read_text().splitlines()[0] == "id,path,esc50_category,label,fold,source,duration"
-    assert esc50.read_manifest(path) == rows
+    path = manifest.write_manifest(rows, tmp_path / "m" / "esc50.csv")
+    assert path.read_text().splitlines()[0] == "id,path,category,label,fold,source,duration"
+    assert manifest.read_manifest(path) == rows
     assert os.listdir(path.parent) == ["esc50.csv"]
     shutil.rmtree(path.parent)
     with pytest.raises(DataError, match="Cannot read manifest"):
-        esc50.read_manifest(path)
+        manifest.read_manifest(path)

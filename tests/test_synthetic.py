@@ -11,7 +11,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from faultsense.data import esc50
+from faultsense.data import esc50, manifest
 from faultsense.data.synthetic import CATEGORIES, main, write_synthetic
 from faultsense.taxonomy import LABELS
 from tests.fixtures.data import SYNTH, compose_config
@@ -115,9 +115,9 @@ def test_generated_on_first_use_and_through_the_full_path_to_a_batch(tmp_path: P
     assert waves.abs().max() <= 1.0 and waves.abs().max() > 0.1
     assert set(labels.tolist()) <= set(range(len(LABELS))) | {-1}  # -1: dog, aux-only
     # The manifest is written and consistent with what was cached (dog kept as aux-only).
-    rows = esc50.read_manifest(dm.manifest_path)
+    rows = manifest.read_manifest(dm.manifest_path)
     assert len(rows) == 9 * 5 and {r.source for r in rows} == {"esc50"}
-    assert {r.label for r in rows if r.esc50_category == "dog"} == {esc50.AUX_ONLY}
+    assert {r.label for r in rows if r.category == "dog"} == {esc50.AUX_ONLY}
     assert all(r.duration == 1.0 for r in rows)
 
 

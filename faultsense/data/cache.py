@@ -32,7 +32,7 @@ from filelock import FileLock
 
 from .. import audio
 from ..errors import AudioError, DataError
-from .esc50 import ClipRow
+from .manifest import ManifestRow
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class WaveCache:
     fingerprint: str
     sample_rate: int
     clip_samples: int
-    rows: list[ClipRow]
+    rows: list[ManifestRow]
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     @property
@@ -69,7 +69,7 @@ class WaveCache:
 
 
 def fingerprint(
-    rows: list[ClipRow], *, sample_rate: int, clip_samples: int, mapping: dict[str, Any] | None
+    rows: list[ManifestRow], *, sample_rate: int, clip_samples: int, mapping: dict[str, Any] | None
 ) -> str:
     """sha256 over what decides the cache's content: clips (id, label, fold, category,
     file size + mtime), sample rate, clip length and the mapping."""
@@ -83,9 +83,7 @@ def fingerprint(
         except OSError:
             stat = (-1, -1)  # the build reports the missing file by name
         h.update(
-            json.dumps(
-                [row.id, row.label, row.fold, row.esc50_category, row.source, *stat]
-            ).encode()
+            json.dumps([row.id, row.label, row.fold, row.category, row.source, *stat]).encode()
         )
     return h.hexdigest()
 
@@ -95,7 +93,7 @@ def cache_path(cache_root: str | Path, name: str, fp: str) -> Path:
 
 
 def load_cache(
-    path: str | Path, fp: str, current_rows: list[ClipRow] | None = None
+    path: str | Path, fp: str, current_rows: list[ManifestRow] | None = None
 ) -> WaveCache | None:
     """The complete cache at `path` if it was built for fingerprint `fp`, else None.
 
@@ -107,7 +105,7 @@ def load_cache(
         index = json.loads((path / INDEX_FILE).read_text())
         if index.get("version") != CACHE_VERSION or index.get("fingerprint") != fp:
             return None
-        rows = [ClipRow(**r) for r in index["rows"]]
+        rows = [ManifestRow.from_dict(r) for r in index["rows"]]
         expected = len(rows) * int(index["clip_samples"]) * 2
         if (path / DATA_FILE).stat().st_size != expected:
             return None
@@ -122,7 +120,7 @@ def load_cache(
 
 
 def get_or_build(
-    rows: list[ClipRow],
+    rows: list[ManifestRow],
     cache_root: str | Path,
     name: str,
     *,
@@ -152,7 +150,7 @@ def get_or_build(
 
 
 def _build(
-    rows: list[ClipRow],
+    rows: list[ManifestRow],
     path: Path,
     fp: str,
     sample_rate: int,
@@ -168,7 +166,7 @@ def _build(
     tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     start = time.perf_counter()
-    kept: list[ClipRow] = []
+    kept: list[ManifestRow] = []
     skipped: list[dict[str, str]] = []
     try:
         waves = np.memmap(
@@ -215,11 +213,11 @@ def _build(
     return WaveCache(path, fp, sample_rate, clip_samples, kept, skipped)
 
 
-def _with_duration(row: ClipRow, seconds: float) -> ClipRow:
-    return ClipRow(row.id, row.path, row.esc50_category, row.label, row.fold, row.source, seconds)
+def _with_duration(row: ManifestRow, seconds: float) -> ManifestRow:
+    return dataclasses.replace(row, duration=seconds)
 
 
-def _track(rows: list[ClipRow], description: str, enabled: bool):
+def _track(rows: list[ManifestRow], description: str, enabled: bool):
     if not enabled:
         return rows
     from rich.progress import track

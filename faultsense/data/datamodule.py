@@ -1,25 +1,26 @@
-"""`FaultDataModule`: ESC-50 (or its synthetic twin) + labeled uploads -> batches of raw
-waveforms float32 [B, T], int64 fault labels [B] and int64 ESC-50 category indices [B].
+"""`FaultDataModule`: a data source (`data.kind`) + labeled uploads -> batches of raw
+waveforms float32 [B, T], int64 fault labels [B] and int64 category indices [B].
 
-The category index (into `FaultDataModule.categories`, -1 for uploads) feeds a model's
-optional auxiliary category head; the fault label is -1 for clips kept only for that head
-(`data.mapping.unmapped=aux`), which are train-only.
+The source is looked up by `data.kind` in `faultsense.data.sources` and yields manifest
+rows; this module knows no source. The category index (into
+`FaultDataModule.categories`, -1 for a clip without one, e.g. an upload) feeds a model's
+optional auxiliary category head; the fault label is -1 for clips kept only for that
+head (`data.mapping.unmapped=aux`), which are train-only.
 
-`prepare_data` (rank 0) resolves the source (download / extract / generate the
-synthetic set), maps categories to labels, builds or reuses the waveform caches and
-writes the manifest. `setup` (every rank) opens the caches and splits by official fold:
-`val_fold`, `test_fold`, the rest train; uploads (fold 0) join train only.
+`prepare_data` (rank 0) asks the sources for rows (a source may download, extract or
+generate its data then), builds or reuses one waveform cache per source and writes the
+manifest. `setup` (every rank) opens the caches and splits by fold: `val_fold`,
+`test_fold`, the rest train; uploads (fold 0) join train only.
 
-Loading is batch-at-a-time: the Dataset implements `__getitems__`, so one fancy-indexed
-read of the int16 memmap per batch feeds the model. It is a plain map-style Dataset, so
-under DDP Lightning swaps in a DistributedSampler and `batch_size` is per device.
+Batches come from `datasets.CachedWaves` (one memmap read per batch). Under DDP
+Lightning swaps in a DistributedSampler and `batch_size` is per device.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,125 +30,38 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .. import audio
-from ..errors import ConfigError, DataError, FaultSenseError
+from ..config import instantiate, plain
+from ..errors import ConfigError, DataError
 from ..taxonomy import LABEL_TO_INDEX, LABELS
 from . import cache as wave_cache
-from . import esc50
-from . import synthetic as synth
-from .uploads import UploadStore
+from .datasets import CachedWaves, FileWaves, collate_batch
+from .manifest import ManifestRow, write_manifest
+from .sources import DataSource, SourceStats, build_source
 
 log = logging.getLogger(__name__)
 
-
-class CachedWaves(Dataset):
-    """Rows of one or more int16 cache memmaps -> (wave float32 [T], label int64,
-    category int64).
-
-    `items` is [M, 2] (part, row). `categories` defaults to -1 (unknown). Memmaps open
-    lazily in each process, so pickling the Dataset into DataLoader workers copies paths,
-    never audio.
-    """
-
-    def __init__(
-        self,
-        parts: Sequence[wave_cache.WaveCache],
-        items: np.ndarray,
-        labels: np.ndarray,
-        categories: np.ndarray | None = None,
-    ):
-        self._parts = [(c.data_path, len(c), c.clip_samples) for c in parts]
-        self.items = np.asarray(items, dtype=np.int64).reshape(-1, 2)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.categories = (
-            np.full(len(self.labels), -1, dtype=np.int64)
-            if categories is None
-            else np.asarray(categories, dtype=np.int64)
-        )
-        self._maps: list[np.ndarray] | None = None
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def _open(self) -> list[np.ndarray]:
-        if self._maps is None:
-            self._maps = [
-                np.memmap(p, dtype=np.int16, mode="r", shape=(n, t)) for p, n, t in self._parts
-            ]
-        return self._maps
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_maps": None}
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        part, row = self.items[i]
-        wave = self._open()[part][row].astype(np.float32)
-        wave *= 1.0 / wave_cache.INT16_SCALE  # exactly as __getitems__ scales
-        return (
-            torch.from_numpy(wave),
-            torch.tensor(self.labels[i]),
-            torch.tensor(self.categories[i]),
-        )
-
-    def __getitems__(
-        self, indices: Sequence[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A whole batch in one read per cache part: (waves [B, T], labels [B], categories [B])."""
-        idx = np.asarray(indices, dtype=np.int64)
-        items, maps = self.items[idx], self._open()
-        out = np.empty((len(idx), self._parts[0][2]), dtype=np.float32)
-        for part, mm in enumerate(maps):
-            sel = np.flatnonzero(items[:, 0] == part)
-            if len(sel):
-                out[sel] = mm[items[sel, 1]]  # one gather per part; int16 -> float32 on assignment
-        out *= 1.0 / wave_cache.INT16_SCALE
-        return (
-            torch.from_numpy(out),
-            torch.from_numpy(self.labels[idx]),
-            torch.from_numpy(self.categories[idx]),
-        )
-
-
-class FileWaves(Dataset):
-    """Audio files decoded on the fly -> (wave float32 [T], -1). For prediction."""
-
-    def __init__(self, files: Sequence[str | Path], sample_rate: int, clip_samples: int):
-        self.files = [str(f) for f in files]
-        self.sample_rate, self.clip_samples = sample_rate, clip_samples
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        wave = audio.decode(self.files[i], sample_rate=self.sample_rate)
-        return torch.from_numpy(audio.fix_length(wave, self.clip_samples).copy()), torch.tensor(-1)
-
-
-def collate_batch(batch: Any) -> Any:
-    """Batches from `CachedWaves.__getitems__` are already stacked; others use default_collate."""
-    if isinstance(batch, tuple) and len(batch) == 3 and isinstance(batch[0], torch.Tensor):
-        return batch
-    return default_collate(batch)
+UPLOADS = "uploads"  # the uploads' source kind and cache part name
 
 
 class FaultDataModule(LightningDataModule):
-    """ESC-50-layout data + uploads as batches `(waves float32 [B, T], labels int64 [B],
-    categories int64 [B])`.
+    """The clips of one data source + uploads as batches `(waves float32 [B, T], labels
+    int64 [B], categories int64 [B])`.
 
-    After `prepare_data()` + `setup()`: `labels`, `categories` (the ESC-50 categories in
+    `kind` names the source (`faultsense.data.sources`); keys of the data config not
+    named here (`source`, `mapping`, `raw_dir`, ...) are `source_options` for it.
+    After `prepare_data()` + `setup()`: `labels`, `categories` (the source categories in
     the data, sorted; what a category index points at), `sample_rate`, `clip_samples`,
     `class_counts` (train, fault-labeled clips), `class_weights` (inverse frequency, mean 1
     over present classes, 0 for absent ones), `fingerprint`, `mapping`, `folds_present`,
-    `has_test`.
+    `has_test`, `stats` (what the source found, if it reports it).
     """
 
     def __init__(
         self,
-        name: str = "esc50",
-        source: str | None = None,
-        raw_dir: str = "data/raw",
+        kind: str,
+        name: str | None = None,
         cache_dir: str = "data/cache",
         manifest_path: str | None = None,
-        mapping: Mapping[str, Any] | None = None,
         sample_rate: int = audio.MODEL_SAMPLE_RATE,
         clip_seconds: float = 5.0,
         val_fold: int = 4,
@@ -161,10 +75,9 @@ class FaultDataModule(LightningDataModule):
         uploads_dir: str | None = None,
         include_uploads: bool = True,
         aux_clips: bool = True,
-        download: Mapping[str, Any] | None = None,
-        synthetic: Mapping[str, Any] | None = None,
         predict_files: Sequence[str] | None = None,
         progress: bool = True,
+        **source_options: Any,
     ) -> None:
         super().__init__()
         if val_fold == test_fold:
@@ -173,15 +86,19 @@ class FaultDataModule(LightningDataModule):
             )
         if batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}.")
-        self.name = name
-        self.source = source
-        self.raw_dir = Path(raw_dir)
+        self.kind = str(kind)
+        self.name = name or self.kind
         self.cache_dir = Path(cache_dir)
         self.manifest_path = Path(
-            manifest_path or Path(cache_dir).parent / "manifests" / f"{name}.csv"
+            manifest_path or self.cache_dir.parent / "manifests" / f"{self.name}.csv"
         )
-        self._mapping = esc50.parse_mapping(_plain(mapping))
-        self.mapping: dict[str, Any] = self._mapping.to_dict()
+        self.skip_bad = bool(skip_bad)
+        self.progress = progress
+        options = {key: plain(value) for key, value in source_options.items()}
+        self.data_source: DataSource = build_source(
+            self.kind, skip_bad=self.skip_bad, progress=progress, **options
+        )
+        self.mapping: dict[str, Any] = dict(self.data_source.mapping or {})
         self.labels: list[str] = list(LABELS)
         self.categories: list[str] = []
         self.sample_rate = int(sample_rate)
@@ -193,18 +110,14 @@ class FaultDataModule(LightningDataModule):
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
-        self.skip_bad = bool(skip_bad)
         self.uploads_dir = Path(uploads_dir) if uploads_dir else None
         self.include_uploads = bool(include_uploads)
         self.aux_clips = bool(aux_clips)
-        self.download = dict(_plain(download) or {})
-        self.synthetic = _plain(synthetic)
         self.predict_files = list(predict_files or [])
-        self.progress = progress
 
         self.caches: list[wave_cache.WaveCache] = []
         self._prepared = False
-        self.stats: esc50.SourceStats | None = None
+        self.stats: SourceStats | None = None
         self.fingerprint = ""
         self.folds_present: list[int] = []
         self.has_test = False
@@ -216,60 +129,49 @@ class FaultDataModule(LightningDataModule):
 
     # ------------------------------------------------------------ preparing
 
-    def _root(self, create: bool) -> Path:
-        if self.source and self.synthetic and not synth.matches(self.source, **self.synthetic):
-            if not create:
-                raise DataError(f"Synthetic dataset {self.source} is missing; run prepare_data().")
-            log.info("Writing the synthetic dataset to %s", self.source)
-            synth.write_synthetic(self.source, **self.synthetic)
-        if not create and self.source is None and find_raw(self.raw_dir) is None:
-            raise DataError(f"ESC-50 is not downloaded under {self.raw_dir}; run prepare_data().")
-        return esc50.resolve_source(
-            self.source, self.raw_dir, progress=self.progress, **self.download
-        )
-
-    def _upload_rows(self) -> list[esc50.ClipRow]:
-        if not (self.include_uploads and self.uploads_dir):
-            return []
-        rows = []
-        for r in UploadStore(self.uploads_dir).rows():
-            path = os.path.abspath(self.uploads_dir / r["path"])
-            rows.append(
-                esc50.ClipRow(f"upload-{r['sha256'][:16]}", str(path), "", r["label"], 0, "upload")
+    def _parts(self, create: bool) -> list[tuple[str, list[ManifestRow]]]:
+        """(cache part name, rows): the data source, then the uploads. A part per source,
+        so a new upload never re-decodes the source's clips."""
+        parts = [(self.name, self.data_source.rows(create=create))]
+        self.stats = self.data_source.stats
+        if self.include_uploads and self.uploads_dir:
+            uploads = build_source(
+                UPLOADS, source=self.uploads_dir, skip_bad=self.skip_bad, progress=self.progress
             )
-        return rows
+            parts.append((UPLOADS, uploads.rows(create=create)))
+        return parts
 
     def _caches(self, create: bool) -> list[wave_cache.WaveCache]:
-        root = self._root(create)
-        rows, self.stats = esc50.clip_rows(root, self._mapping, skip_bad=self.skip_bad)
-        parts = [(self.name, rows), ("uploads", self._upload_rows())]
+        """Build (`create`) or open the cache of every part with rows; [] when one is not
+        built yet."""
+        settings = dict(
+            sample_rate=self.sample_rate, clip_samples=self.clip_samples, mapping=self.mapping
+        )
         caches = []
-        for name, part_rows in parts:
-            if not part_rows:
+        for name, rows in self._parts(create):
+            if not rows:
                 continue
-            kwargs = dict(
-                sample_rate=self.sample_rate, clip_samples=self.clip_samples, mapping=self.mapping
-            )
             if create:
                 cache = wave_cache.get_or_build(
-                    part_rows,
+                    rows,
                     self.cache_dir,
                     name,
                     skip_bad=self.skip_bad,
                     progress=self.progress,
-                    **kwargs,
+                    **settings,
                 )
             else:
-                fp = wave_cache.fingerprint(part_rows, **kwargs)
+                fp = wave_cache.fingerprint(rows, **settings)
                 cache = wave_cache.load_cache(
-                    wave_cache.cache_path(self.cache_dir, name, fp), fp, part_rows
+                    wave_cache.cache_path(self.cache_dir, name, fp), fp, rows
                 )
                 if cache is None:
                     return []
             caches.append(cache)
         if not caches:
+            where = self.stats.root if self.stats else f"the data.kind={self.kind} source"
             raise DataError(
-                f"No clips in {root} map to a label under data.mapping ({self.mapping})."
+                f"No clips in {where} map to a label under data.mapping ({self.mapping})."
             )
         return caches
 
@@ -278,7 +180,7 @@ class FaultDataModule(LightningDataModule):
         if self._prepared:  # Lightning calls it again in fit() after the caller did
             return
         caches = self._caches(create=True)
-        esc50.write_manifest([r for c in caches for r in c.rows], self.manifest_path)
+        write_manifest([r for c in caches for r in c.rows], self.manifest_path)
         self._prepared = True
 
     def setup(self, stage: str | None = None) -> None:
@@ -312,9 +214,9 @@ class FaultDataModule(LightningDataModule):
         rows = [r for c in caches for r in c.rows]
         folds = np.array([r.fold for r in rows])
         labels = np.array([LABEL_TO_INDEX.get(r.label, -1) for r in rows], dtype=np.int64)
-        self.categories = sorted({r.esc50_category for r in rows if r.esc50_category})
+        self.categories = sorted({r.category for r in rows if r.category})
         index = {c: i for i, c in enumerate(self.categories)}
-        categories = np.array([index.get(r.esc50_category, -1) for r in rows], dtype=np.int64)
+        categories = np.array([index.get(r.category, -1) for r in rows], dtype=np.int64)
         self.folds_present = sorted({int(f) for f in folds if f > 0})
         present = ", ".join(map(str, self.folds_present))
         if self.val_fold not in self.folds_present:
@@ -345,10 +247,7 @@ class FaultDataModule(LightningDataModule):
         train_labels = labels[is_train]
         counts = np.bincount(train_labels[train_labels >= 0], minlength=len(LABELS))
         self.class_counts = {label: int(n) for label, n in zip(LABELS, counts, strict=True)}
-        inv = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
-        present_classes = counts > 0
-        scale = present_classes.sum() / inv.sum() if inv.sum() > 0 else 0.0
-        self.class_weights = [float(w) for w in inv * scale]
+        self.class_weights = inverse_frequency_weights(counts)
 
     # ------------------------------------------------------------ loaders
 
@@ -390,19 +289,9 @@ class FaultDataModule(LightningDataModule):
 
 
 def build_datamodule(data_cfg: Any, **overrides: Any) -> FaultDataModule:
-    """`hydra.utils.instantiate(cfg.data, **overrides)`, but a FaultSenseError raised while
-    building comes out as itself (Hydra wraps it in InstantiationException), so CLIs can
-    print it."""
-    import hydra
-    from hydra.errors import InstantiationException
-
-    try:
-        return hydra.utils.instantiate(data_cfg, **overrides)
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, FaultSenseError):
-            raise cause from None
-        raise
+    """`faultsense.config.instantiate(cfg.data, **overrides)`: a FaultSenseError raised
+    while building comes out as itself, so CLIs can print it."""
+    return instantiate(data_cfg, **overrides)
 
 
 def prepared_datamodule(data_cfg: Any, **overrides: Any) -> FaultDataModule:
@@ -413,24 +302,13 @@ def prepared_datamodule(data_cfg: Any, **overrides: Any) -> FaultDataModule:
     return datamodule
 
 
-def find_raw(raw_dir: Path) -> Path | None:
-    return (
-        esc50.find_root(raw_dir / "ESC-50-master") if (raw_dir / "ESC-50-master").is_dir() else None
-    )
+def inverse_frequency_weights(counts: np.ndarray) -> list[float]:
+    """Per-class loss weights from class counts: inverse frequency scaled to mean 1 over
+    the classes present, 0 for absent ones."""
+    inv = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
+    scale = (counts > 0).sum() / inv.sum() if inv.sum() > 0 else 0.0
+    return [float(w) for w in inv * scale]
 
 
-def _combine(fingerprints: Any) -> str:
-    import hashlib
-
+def _combine(fingerprints: Iterable[str]) -> str:
     return hashlib.sha256("|".join(fingerprints).encode()).hexdigest()
-
-
-def _plain(value: Any) -> Any:
-    """DictConfig/ListConfig -> plain containers (Hydra passes configs through as-is)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover
-        return value
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value

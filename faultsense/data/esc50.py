@@ -1,11 +1,12 @@
-"""ESC-50 source: fetch (or take a local folder / .zip), verify, map categories to fault
-labels, and write the manifest.
+"""ESC-50 source (`data.kind=esc50`): fetch (or take a local folder / .zip), verify, and
+map categories to fault labels as manifest rows.
 
 A dataset root is a folder holding `meta/esc50.csv` (official columns) and `audio/`.
 `resolve_source` turns `data.source` into such a root: a folder is used in place, a
 .zip is extracted once under `raw_dir`, and no source means downloading the official
 release over HTTPS (progress bar, resumable through an HTTP Range on a `.part` file).
-Every write that matters (download, extraction, manifest) is atomic.
+Every write that matters (download, extraction) is atomic. `ESC50Source` is the
+`faultsense.data.sources` seam: the DataModule asks it for rows and knows nothing else.
 """
 
 from __future__ import annotations
@@ -18,23 +19,23 @@ import shutil
 import zipfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import plain
 from ..errors import ConfigError, DataError, LabelError
 from ..fileio import sha256_file
 from ..taxonomy import LABELS, validate_label
+from .manifest import AUX_ONLY, ManifestRow
+from .sources import SourceStats, register_source
 
 log = logging.getLogger(__name__)
 
 META_FILE = Path("meta") / "esc50.csv"
 META_COLUMNS = ("filename", "fold", "target", "category", "esc10", "src_file", "take")
-MANIFEST_COLUMNS = ("id", "path", "esc50_category", "label", "fold", "source", "duration")
 OFFICIAL_URL = "https://github.com/karolpiczak/ESC-50/archive/refs/heads/master.zip"
 OFFICIAL_CLIPS = 2000
-# The `label` of a clip kept under `unmapped: aux`: no fault label, category head only.
-AUX_ONLY = ""
 
 
 # ---------------------------------------------------------------- mapping
@@ -110,35 +111,50 @@ def parse_mapping(mapping: Mapping[str, Any] | FaultMapping | None) -> FaultMapp
     return FaultMapping(classes=classes, unmapped=unmapped)
 
 
-# ---------------------------------------------------------------- rows and manifest
+# ---------------------------------------------------------------- the source
 
 
-@dataclass(frozen=True)
-class ClipRow:
-    """One manifest row. `fold` 0 = an upload (train only); `duration` is known after decode."""
+@register_source("esc50")
+class ESC50Source:
+    """An ESC-50-layout dataset as manifest rows, categories mapped to fault labels.
 
-    id: str
-    path: str
-    esc50_category: str
-    label: str
-    fold: int
-    source: str
-    duration: float | None = None
+    `source`: a folder or a release .zip, or None = the official release downloaded into
+    `raw_dir` (`download`: url, sha256, expected_clips). `mapping`: see `parse_mapping`.
+    """
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def __init__(
+        self,
+        source: str | Path | None = None,
+        *,
+        raw_dir: str | Path = "data/raw",
+        mapping: Mapping[str, Any] | FaultMapping | None = None,
+        download: Mapping[str, Any] | None = None,
+        skip_bad: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.source = source
+        self.raw_dir = Path(raw_dir)
+        self.fault_mapping = parse_mapping(plain(mapping))
+        self.mapping: dict[str, Any] | None = self.fault_mapping.to_dict()
+        self.download = dict(plain(download) or {})
+        self.skip_bad, self.progress = bool(skip_bad), progress
+        self.stats: SourceStats | None = None
+
+    def root(self, create: bool) -> Path:
+        """The dataset root; only with `create` may it be downloaded or extracted."""
+        if not create and self.source is None and find_raw(self.raw_dir) is None:
+            raise DataError(f"ESC-50 is not downloaded under {self.raw_dir}; run prepare_data().")
+        return resolve_source(self.source, self.raw_dir, progress=self.progress, **self.download)
+
+    def rows(self, *, create: bool) -> list[ManifestRow]:
+        rows, self.stats = clip_rows(self.root(create), self.fault_mapping, skip_bad=self.skip_bad)
+        return rows
 
 
-@dataclass
-class SourceStats:
-    """What a source holds before and after mapping (for the `faultsense-data` report)."""
-
-    root: Path
-    clips: int = 0
-    mapped: int = 0
-    dropped_categories: list[str] = field(default_factory=list)
-    missing_folds: list[int] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+def find_raw(raw_dir: Path) -> Path | None:
+    """The official release already extracted under `raw_dir`, else None."""
+    release = raw_dir / "ESC-50-master"
+    return find_root(release) if release.is_dir() else None
 
 
 def find_root(path: Path) -> Path | None:
@@ -185,7 +201,7 @@ def read_meta(root: Path) -> list[dict[str, str]]:
 
 def clip_rows(
     root: Path, mapping: FaultMapping, *, skip_bad: bool = False
-) -> tuple[list[ClipRow], SourceStats]:
+) -> tuple[list[ManifestRow], SourceStats]:
     """Map the clips of the dataset at `root` to fault labels.
 
     Any subset of folds works: a fold listed in the meta file whose audio is entirely
@@ -204,7 +220,7 @@ def clip_rows(
             root / META_FILE,
             ", ".join(map(str, stats.missing_folds)),
         )
-    rows: list[ClipRow] = []
+    rows: list[ManifestRow] = []
     missing: list[str] = []
     dropped: set[str] = set()
     for r in meta:
@@ -220,7 +236,7 @@ def clip_rows(
             dropped.add(r["category"])
             continue
         clip_id = Path(r["filename"]).stem
-        rows.append(ClipRow(clip_id, str(path), r["category"], label, int(r["fold"]), "esc50"))
+        rows.append(ManifestRow(clip_id, str(path), r["category"], label, int(r["fold"]), "esc50"))
     if missing:
         listed = ", ".join(missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -238,48 +254,6 @@ def clip_rows(
     stats.mapped = sum(r.label != AUX_ONLY for r in rows)
     stats.dropped_categories = sorted(dropped)
     return rows, stats
-
-
-def write_manifest(rows: Iterable[ClipRow], path: str | Path) -> Path:
-    """Write the manifest CSV (MANIFEST_COLUMNS) atomically: temp file + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            d = row.as_dict()
-            d["duration"] = "" if row.duration is None else f"{row.duration:.3f}"
-            writer.writerow(d)
-    os.replace(tmp, path)
-    return path
-
-
-def read_manifest(path: str | Path) -> list[ClipRow]:
-    """Rows of a manifest written by `write_manifest`."""
-    path = Path(path)
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
-                raise DataError(
-                    f"{path} is not a FaultSense manifest (columns {reader.fieldnames})."
-                )
-            return [
-                ClipRow(
-                    r["id"],
-                    r["path"],
-                    r["esc50_category"],
-                    r["label"],
-                    int(r["fold"]),
-                    r["source"],
-                    float(r["duration"]) if r["duration"] else None,
-                )
-                for r in reader
-            ]
-    except OSError as err:
-        raise DataError(f"Cannot read manifest {path}: {err.strerror}.") from None
 
 
 # ---------------------------------------------------------------- fetching

@@ -1,4 +1,5 @@
-"""A small, learnable dataset in the ESC-50 layout, for tests and offline demos.
+"""A small, learnable dataset in the ESC-50 layout, for tests and offline demos
+(`data.kind=synthetic`: generated into `data.source` on first use, then read as ESC-50).
 
 `write_synthetic` writes `meta/esc50.csv` (the official columns) and `audio/*.wav` at
 44.1 kHz, named like the release (`{fold}-{src_file}-{take}-{target}.wav`), so it goes
@@ -17,13 +18,23 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
+
+from ..config import plain
+from ..errors import DataError
+from .esc50 import ESC50Source
+from .manifest import ManifestRow
+from .sources import register_source
+
+log = logging.getLogger(__name__)
 
 ESC50_COLUMNS = ("filename", "fold", "target", "category", "esc10", "src_file", "take")
 SAMPLE_RATE = 44_100
@@ -198,6 +209,31 @@ def matches(root: str | Path, **params: object) -> bool:
     }
     wanted.update(params)
     return all(written.get(k) == v for k, v in wanted.items())
+
+
+@register_source("synthetic")
+class SyntheticSource(ESC50Source):
+    """`ESC50Source` over a synthetic set that is written to `source` with the `synthetic`
+    parameters (see `write_synthetic`) when it is missing or was written with others.
+    `synthetic: null` reads `source` as it is."""
+
+    def __init__(
+        self,
+        source: str | Path | None = None,
+        *,
+        synthetic: Mapping[str, Any] | None = None,
+        **esc50_options: Any,
+    ) -> None:
+        super().__init__(source, **esc50_options)
+        self.params: dict[str, Any] | None = plain(synthetic)
+
+    def rows(self, *, create: bool) -> list[ManifestRow]:
+        if self.source and self.params and not matches(self.source, **self.params):
+            if not create:
+                raise DataError(f"Synthetic dataset {self.source} is missing; run prepare_data().")
+            log.info("Writing the synthetic dataset to %s", self.source)
+            write_synthetic(self.source, **self.params)
+        return super().rows(create=create)
 
 
 def main(argv: list[str] | None = None) -> None:

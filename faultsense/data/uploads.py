@@ -10,6 +10,9 @@ lock: the WAV is written to a temp file and renamed, then the manifest is rewrit
 a temp file and renamed, so an interrupted upload leaves no partial file or row (at
 worst a complete WAV without a row, which the next upload of it adopts). The client's
 filename is recorded as text only, never used as a path.
+
+`UploadSource` (`faultsense.data.sources` kind "uploads") turns the stored clips into
+manifest rows with fold 0, so they join the training split only.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from pathlib import Path
 from filelock import FileLock
 
 from .. import audio
-from ..fileio import atomic_write
+from ..fileio import atomic_write, display_name
 from ..taxonomy import LABELS, validate_label
+from .manifest import TRAIN_ONLY_FOLD, ManifestRow, write_csv
+from .sources import SourceStats, register_source
 
 MANIFEST_NAME = "manifest.csv"
 UPLOAD_COLUMNS = ("sha256", "label", "path", "filename", "seconds", "created_at")
@@ -67,7 +72,7 @@ class UploadStore:
         """Validate, normalize and store one upload. Raises LabelError for an unknown label
         and AudioError (naming `filename`) for audio that cannot be used."""
         label = validate_label(label)
-        shown = _clean_name(filename) or "upload"
+        shown = display_name(filename, default="upload")
         wave = audio.decode(data, sample_rate=SAMPLE_RATE, max_seconds=max_seconds, name=shown)
         wav = audio.to_wav_bytes(wave, SAMPLE_RATE)
         digest = hashlib.sha256(wav).hexdigest()
@@ -112,19 +117,30 @@ class UploadStore:
         return {label: counted.get(label, 0) for label in LABELS}
 
     def _write_rows(self, rows: list[dict[str, str]]) -> None:
-        tmp = self.manifest_path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=UPLOAD_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.manifest_path)
+        write_csv(self.manifest_path, UPLOAD_COLUMNS, rows)
 
 
-def _clean_name(filename: str | None) -> str:
-    """The client's filename as safe display text: last path part, printable, <= 200 chars."""
-    if not filename:
-        return ""
-    name = str(filename).replace("\\", "/").rsplit("/", 1)[-1]
-    return "".join(ch for ch in name if ch.isprintable())[:200]
+@register_source("uploads")
+class UploadSource:
+    """The clips of an `UploadStore` as train-only manifest rows (fold 0, no category)."""
+
+    mapping: dict | None = None  # uploads are labeled by the user
+    stats: SourceStats | None = None
+
+    def __init__(
+        self, source: str | Path, *, skip_bad: bool = False, progress: bool = True
+    ) -> None:
+        self.root = Path(source)
+
+    def rows(self, *, create: bool) -> list[ManifestRow]:
+        return [
+            ManifestRow(
+                f"upload-{r['sha256'][:16]}",
+                os.path.abspath(self.root / r["path"]),
+                "",
+                r["label"],
+                TRAIN_ONLY_FOLD,
+                "upload",
+            )
+            for r in UploadStore(self.root).rows()
+        ]

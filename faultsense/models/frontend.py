@@ -7,7 +7,6 @@ device the batch is on. Augmentations are active only in training mode.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -274,8 +273,3 @@ def mixup(
     lam = max(lam, 1.0 - lam)  # keep the first clip dominant so its label stays the main one
     perm = torch.randperm(wave.shape[0], device=wave.device)
     return lam * wave + (1.0 - lam) * wave[perm], target, target[perm], lam
-
-
-def frames_for(samples: int, hop_length: int) -> int:
-    """Frames a centered STFT yields for `samples` samples at `hop_length`."""
-    return math.floor(samples / hop_length) + 1

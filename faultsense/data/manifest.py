@@ -1,0 +1,92 @@
+"""The manifest row every data source yields, and the manifest CSV it is written to.
+
+A row is one clip: where it is, its category in its source (if it has one), its fault
+label, its fold and which source it came from. `fold` 0 = train only (uploads); the
+label `AUX_ONLY` marks a clip kept for the auxiliary category head only. Files are
+written atomically (`faultsense.fileio.atomic_write`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from ..fileio import atomic_write
+
+MANIFEST_COLUMNS = ("id", "path", "category", "label", "fold", "source", "duration")
+# Manifests and cache indexes written before the field was named for every source.
+_LEGACY_CATEGORY = "esc50_category"
+_LEGACY_COLUMNS = tuple(_LEGACY_CATEGORY if c == "category" else c for c in MANIFEST_COLUMNS)
+# The `label` of a clip with no fault label: it trains the category head only.
+AUX_ONLY = ""
+TRAIN_ONLY_FOLD = 0
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One clip. `category` is "" when the source has none; `fold` 0 = train only;
+    `duration` (seconds) is known once the clip has been decoded into the cache."""
+
+    id: str
+    path: str
+    category: str
+    label: str
+    fold: int
+    source: str
+    duration: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> ManifestRow:
+        """A row from `as_dict()` output or a manifest CSV line (text fields parsed)."""
+        fields = dict(row)
+        if _LEGACY_CATEGORY in fields:
+            fields["category"] = fields.pop(_LEGACY_CATEGORY)
+        duration = fields.get("duration")
+        fields["duration"] = None if duration in (None, "") else float(duration)
+        fields["fold"] = int(fields["fold"])
+        return cls(**fields)
+
+
+def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write `rows` (dicts with `columns`) as CSV to `path` atomically; returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(columns))
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(path, text.getvalue())
+
+
+def write_manifest(rows: Iterable[ManifestRow], path: str | Path) -> Path:
+    """Write the manifest CSV (MANIFEST_COLUMNS) atomically; returns `path`."""
+    return write_csv(path, MANIFEST_COLUMNS, (_csv_fields(row) for row in rows))
+
+
+def read_manifest(path: str | Path) -> list[ManifestRow]:
+    """Rows of a manifest written by `write_manifest`."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) not in (MANIFEST_COLUMNS, _LEGACY_COLUMNS):
+                raise DataError(
+                    f"{path} is not a FaultSense manifest (columns {reader.fieldnames})."
+                )
+            return [ManifestRow.from_dict(r) for r in reader]
+    except OSError as err:
+        raise DataError(f"Cannot read manifest {path}: {err.strerror}.") from None
+
+
+def _csv_fields(row: ManifestRow) -> dict[str, Any]:
+    fields = row.as_dict()
+    fields["duration"] = "" if row.duration is None else f"{row.duration:.3f}"
+    return fields
