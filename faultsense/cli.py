@@ -18,10 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import FaultSenseError
+from .config import run_cli
 from .registry import Registry, default_registry_dir
-
-EXIT_USER_ERROR = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -126,15 +124,14 @@ def _models(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (0, or EXIT_USER_ERROR after printing
+    `faultsense: Type: message` for a FaultSenseError)."""
     args = _parser().parse_args(argv)
+    command = _predict if args.command == "predict" else _models
     try:
-        if args.command == "predict":
-            _predict(args)
-        else:
-            _models(args)
-    except FaultSenseError as err:
-        print(f"faultsense: {type(err).__name__}: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        run_cli("faultsense", command, args)
+    except SystemExit as stop:  # the user error, already printed: a status for the caller
+        return int(stop.code)
     return 0
 
 

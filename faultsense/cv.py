@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import CONFIG_DIR
+from .config import run_cli
 from .errors import ConfigError, DataError, FaultSenseError
 from .fileio import atomic_write
 
@@ -182,23 +183,22 @@ def run_cv(overrides: list[str], sweep_dir: str | None = None) -> dict[str, Any]
     return report
 
 
+def _cv_command(args: list[str]) -> dict[str, Any]:
+    if args[:1] == ["--aggregate"]:
+        if len(args) != 2:
+            raise ConfigError("Usage: faultsense-cv --aggregate MULTIRUN_DIR")
+        return aggregate(args[1])
+    sweep_dir = None
+    for a in args:
+        if a.startswith("hydra.sweep.dir="):
+            sweep_dir = a.split("=", 1)[1]
+    return run_cv([a for a in args if not a.startswith("hydra.sweep.dir=")], sweep_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """`faultsense-cv [overrides]` or `faultsense-cv --aggregate DIR`: prints the table."""
     args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if args[:1] == ["--aggregate"]:
-            if len(args) != 2:
-                raise ConfigError("Usage: faultsense-cv --aggregate MULTIRUN_DIR")
-            report = aggregate(args[1])
-        else:
-            sweep_dir = None
-            for a in args:
-                if a.startswith("hydra.sweep.dir="):
-                    sweep_dir = a.split("=", 1)[1]
-            args = [a for a in args if not a.startswith("hydra.sweep.dir=")]
-            report = run_cv(args, sweep_dir)
-    except FaultSenseError as err:
-        print(f"{type(err).__name__}: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    report = run_cli("faultsense-cv", _cv_command, args)
     print(to_markdown(report))
     print(f"written: {Path(report['dir']) / 'cv.md'}, {Path(report['dir']) / 'cv.json'}")
 

@@ -16,8 +16,9 @@ import torch
 from omegaconf import DictConfig
 
 from . import CONFIG_DIR
+from .config import instantiate, run_cli
 from .errors import ConfigError, ModelError
-from .train import _floats, instantiate, run_cli
+from .train import metric_floats
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"{list(datamodule.labels)}; pass the data.* overrides of the training run."
         )
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
-    metrics = _floats(trainer.validate(model, datamodule=datamodule, verbose=False)[0], ("val/",))
+    metrics = metric_floats(
+        trainer.validate(model, datamodule=datamodule, verbose=False)[0], ("val/",)
+    )
     if datamodule.has_test:
-        metrics.update(_floats(trainer.test(model, datamodule=datamodule)[0], ("test/",)))
+        metrics.update(metric_floats(trainer.test(model, datamodule=datamodule)[0], ("test/",)))
     else:
         log.warning("test fold %s not present, skipping test", cfg.data.get("test_fold"))
 
@@ -84,7 +87,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run_cli(evaluate, cfg)
+    run_cli("faultsense-eval", evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ and per fold. e.g. `faultsense-data data.source=../shared/datasets/esc50-16k`.""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
 from typing import Any
@@ -12,8 +11,8 @@ import hydra
 from omegaconf import DictConfig
 
 from . import CONFIG_DIR
+from .config import run_cli
 from .data.esc50 import AUX_ONLY
-from .errors import FaultSenseError
 
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
@@ -95,11 +94,7 @@ def report(summary: dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    try:
-        print(report(prepare(cfg)))
-    except FaultSenseError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    print(report(run_cli("faultsense-data", prepare, cfg)))
 
 
 if __name__ == "__main__":

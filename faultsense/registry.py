@@ -1,4 +1,8 @@
-"""Versioned model bundles: export from a checkpoint, register, promote, roll back.
+"""The model bundle store: versioned bundles, register, promote, roll back.
+
+This module is the store only (torch, safetensors and filelock, imported where used):
+a checkpoint becomes a bundle in `faultsense.export`, the ONNX file is made by
+`faultsense.onnx_export`, and a W&B artifact by `faultsense.wandb_artifact`.
 
 Layout of a registry root (default `models/`, or `$FAULTSENSE_ROOT/models`)::
 
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -38,11 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .config import utc_now
 from .errors import ModelError, RegistryError
-from .fileio import fsync_dir as _fsync_dir
-from .fileio import jsonable as _jsonable
-from .fileio import sha256_file as _sha256_file
-from .fileio import write_json_atomic
+from .fileio import atomic_write, fsync_dir, jsonable, sha256_file, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -60,17 +61,11 @@ LOCK_TIMEOUT_S = 120.0
 REQUIRED_META = ("net_spec", "labels", "sample_rate", "clip_samples")
 _REGISTRY_FIELDS = ("version", "weights_sha256", "created_at", "git_commit", "onnx")
 _VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
-# ONNX Runtime and PyTorch use different kernels (e.g. for the FFT): agree to this.
-ONNX_PARITY_ATOL = 1e-3
 
 
 def default_registry_dir() -> Path:
     """`$FAULTSENSE_ROOT/models` when FAULTSENSE_ROOT is set, else `./models`."""
     return Path(os.environ.get("FAULTSENSE_ROOT", ".")) / "models"
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _sha256_bytes(data: bytes) -> str:
@@ -179,7 +174,7 @@ class Bundle:
         onnx = self.meta.get("onnx")
         if onnx:
             path = self.path / onnx["file"]
-            if not path.is_file() or _sha256_file(path) != onnx.get("sha256"):
+            if not path.is_file() or sha256_file(path) != onnx.get("sha256"):
                 raise RegistryError(
                     f"Bundle {self.version}: {path} is missing or does not match its recorded sha256."
                 )
@@ -363,14 +358,7 @@ class Registry:
         staging.mkdir()
         try:
             # The heavy writes happen outside the lock; only numbering + renames are serialized.
-            weights_sha = self._write_weights(net, staging / WEIGHTS_FILE)
-            # The registry owns these fields: a copied bundle.json cannot smuggle stale ones in.
-            bundle = {k: v for k, v in meta.items() if k not in _REGISTRY_FIELDS}
-            bundle["weights_sha256"] = weights_sha
-            bundle["created_at"] = _now()
-            bundle["git_commit"] = git_commit()
-            if onnx:
-                bundle["onnx"] = export_onnx(net, meta, staging / ONNX_FILE)
+            bundle = self._stage(net, meta, staging, onnx=onnx)
             with self._locked():
                 state = self._read_state()
                 version = f"v{self._next_number(state)}"
@@ -378,7 +366,7 @@ class Registry:
                 bundle.setdefault("parent_version", state.get("current"))
                 self._write_bundle_json(staging / BUNDLE_FILE, bundle)
                 os.replace(staging, self.root / version)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
                 fault_point("registry_commit")  # bundle in place, registry.json not yet
                 state["versions"].append(version)
                 self._record(state, "register", version, reason)
@@ -388,8 +376,25 @@ class Registry:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         log.info("Registered %s in %s%s", version, self.root, " (current)" if promote else "")
-        _log_wandb_artifact(self.root / version, bundle, promoted=promote)
         return version
+
+    @classmethod
+    def _stage(
+        cls, net: nn.Module, meta: Mapping[str, Any], staging: Path, *, onnx: bool
+    ) -> dict[str, Any]:
+        """Write the weights (and ONNX file) into `staging`; return bundle.json less its
+        version and parent."""
+        weights_sha = cls._write_weights(net, staging / WEIGHTS_FILE)
+        # The registry owns these fields: a copied bundle.json cannot smuggle stale ones in.
+        bundle = {k: v for k, v in meta.items() if k not in _REGISTRY_FIELDS}
+        bundle["weights_sha256"] = weights_sha
+        bundle["created_at"] = utc_now()
+        bundle["git_commit"] = git_commit()
+        if onnx:
+            from .onnx_export import export_onnx
+
+            bundle["onnx"] = export_onnx(net, int(meta["clip_samples"]), staging / ONNX_FILE)
+        return bundle
 
     def promote(self, version: str, reason: str = "") -> str:
         """Make `version` current after verifying its files; returns it."""
@@ -438,7 +443,7 @@ class Registry:
     def _record(self, state: dict[str, Any], action: str, version: str, reason: str) -> None:
         state["history"].append(
             {
-                "at": _now(),
+                "at": utc_now(),
                 "action": action,
                 "version": version,
                 "previous": state.get("current"),
@@ -456,257 +461,33 @@ class Registry:
 
     @staticmethod
     def _write_weights(net: nn.Module, path: Path) -> str:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         # Clone: safetensors refuses tensors that share storage (tied weights, views).
         state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
-        save_file(state, str(path), metadata={"format": "pt"})
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
-        return _sha256_file(path)
+        data = save(state, metadata={"format": "pt"})
+        atomic_write(path, data)
+        return _sha256_bytes(data)
 
     @staticmethod
     def _write_bundle_json(path: Path, bundle: Mapping[str, Any]) -> None:
         try:
-            text = json.dumps(bundle, indent=2, default=_jsonable) + "\n"
+            text = json.dumps(bundle, indent=2, default=jsonable) + "\n"
         except (TypeError, ValueError) as err:
             raise RegistryError(f"Bundle metadata cannot be written as JSON: {err}") from None
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        atomic_write(path, text)
 
 
-# -- export from training ---------------------------------------------------------------
+def __getattr__(name: str) -> Any:
+    # TRANSITIONAL (issue 12): tests/fixtures/registry.py and tests/test_models.py still
+    # import these from here. Delete this function once they import
+    # `faultsense.train.register_run` and `faultsense.export.export_checkpoint`.
+    if name == "export_checkpoint":
+        from .export import export_checkpoint
 
+        return export_checkpoint
+    if name == "register_from_training":
+        from .train import register_run
 
-def export_checkpoint(ckpt_path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
-    """A Lightning checkpoint -> (eval-mode FaultNet, meta with net_spec/labels/rate/length).
-
-    The checkpoint is read with `weights_only=True` (hparams are primitives), the
-    FaultClassifier is rebuilt from its hparams only to obtain `net_spec()`, and the net's
-    weights are taken from the checkpoint's `net.*` entries.
-    """
-    import torch
-
-    from .models.classifier import FaultClassifier, build_net
-
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise RegistryError(f"Checkpoint {path} does not exist.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for corrupt / unsafe files
-        raise RegistryError(f"Checkpoint {path} cannot be loaded safely: {err}") from None
-    hparams = dict(ckpt.get("hyper_parameters") or {})
-    spec = ckpt.get("net_spec")
-    if spec is None:  # older checkpoints: rebuild the module from its primitive hparams
-        try:
-            spec = FaultClassifier(**hparams).net_spec()
-        except Exception as err:
-            raise ModelError(
-                f"Checkpoint {path}: cannot rebuild the model from its hparams: {err}"
-            ) from None
-    prefix = "net."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    net = build_net(copy.deepcopy(spec))
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ModelError(f"Checkpoint {path}: weights do not fit the net_spec: {err}") from None
-    labels = ckpt.get("labels") or hparams.get("labels") or _labels(int(spec["num_classes"]))
-    meta = {
-        "net_spec": net.spec,
-        "labels": list(labels),
-        "sample_rate": int(spec["sample_rate"]),
-        "clip_samples": int(spec["clip_samples"]),
-        "metrics": {k: float(v) for k, v in (ckpt.get("metrics") or {}).items()},
-        "checkpoint": {
-            "file": path.name,
-            "epoch": ckpt.get("epoch"),
-            "global_step": ckpt.get("global_step"),
-        },
-    }
-    return net.eval(), meta
-
-
-def _labels(num_classes: int) -> list[str]:
-    from .taxonomy import LABELS
-
-    if num_classes != len(LABELS):
-        raise ModelError(f"net_spec has {num_classes} classes but the taxonomy has {len(LABELS)}.")
-    return list(LABELS)
-
-
-def register_from_training(
-    ckpt_path: str | os.PathLike[str],
-    datamodule: Any,
-    cfg: Any,
-    metrics: Mapping[str, float],
-) -> str:
-    """Register the best checkpoint of a training run; returns its version.
-
-    Promotes it when the registry has no current version, or when `cfg.promote` is true
-    (default true: `make train` should make the fresh model the one served; retraining
-    passes `promote: false` and promotes through its own gate). `cfg.export.onnx`
-    adds an ONNX file checked against PyTorch.
-    """
-    net, meta = export_checkpoint(ckpt_path)
-    config = _resolved_config(cfg)
-    meta["labels"] = list(getattr(datamodule, "labels", meta["labels"]))
-    # The run's final metrics (val + test) override the ones stored with the checkpoint.
-    meta["metrics"] = {**meta.get("metrics", {}), **_float_metrics(metrics)}
-    meta["data_fingerprint"] = getattr(datamodule, "fingerprint", None)
-    meta["mapping"] = _plain(getattr(datamodule, "mapping", None))
-    meta["config"] = config
-    registry_dir = _cfg_get(cfg, "paths.registry_dir") or default_registry_dir()
-    registry = Registry(registry_dir)
-    promote = registry.current_version() is None or bool(_cfg_get(cfg, "promote", True))
-    onnx = bool(_cfg_get(cfg, "export.onnx", False))
-    return registry.register(
-        net, meta, promote=promote, reason=f"trained: {Path(ckpt_path).name}", onnx=onnx
-    )
-
-
-def _resolved_config(node: Any) -> Any:
-    """The config as plain data, resolved; an interpolation that cannot resolve here
-    (e.g. `${hydra:...}` outside a Hydra run) is kept as its text instead of failing."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(node, DictConfig | ListConfig):
-        raw = OmegaConf.to_container(node, resolve=False)
-        keys = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
-        out = {str(k): None for k in keys} if isinstance(node, DictConfig) else [None] * len(raw)
-        for key in keys:
-            try:
-                value = _resolved_config(node[key])
-            except Exception:  # omegaconf raises several types for failed interpolations
-                value = raw[key]
-            out[str(key) if isinstance(node, DictConfig) else key] = value
-        return out
-    if isinstance(node, Mapping):
-        return {str(k): _resolved_config(v) for k, v in node.items()}
-    return node
-
-
-def _float_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    out = {}
-    for key, value in metrics.items():
-        with contextlib.suppress(TypeError, ValueError, RuntimeError):
-            out[str(key)] = float(value)
-    return out
-
-
-def _cfg_get(cfg: Any, dotted: str, default: Any = None) -> Any:
-    node = cfg
-    for key in dotted.split("."):
-        if node is None:
-            return default
-        node = node.get(key) if hasattr(node, "get") else getattr(node, key, None)
-    return default if node is None else node
-
-
-def _plain(obj: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, DictConfig | ListConfig):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return obj
-
-
-# -- ONNX ---------------------------------------------------------------------------------
-
-
-def export_onnx(net: nn.Module, meta: Mapping[str, Any], path: Path) -> dict[str, Any]:
-    """Export `net` (waveform [B, T] -> logits [B, C]) to ONNX and check it against PyTorch.
-
-    Returns the bundle.json `onnx` entry. Raises ModelError if export fails or the
-    outputs differ by more than ONNX_PARITY_ATOL.
-    """
-    import numpy as np
-    import torch
-
-    net = net.eval()
-    clip = int(meta["clip_samples"])
-    example = torch.randn(2, clip, generator=torch.Generator().manual_seed(0)) * 0.1
-    opset = 18
-    try:
-        program = torch.onnx.export(
-            net,
-            (example,),
-            dynamo=True,
-            input_names=["waveform"],
-            output_names=["logits"],
-            # Any batch size; the time axis stays clip_samples (the Predictor's window).
-            dynamic_shapes={_forward_arg(net): {0: torch.export.Dim("batch", min=1, max=4096)}},
-            opset_version=opset,
-            external_data=False,
-            verbose=False,
-        )
-        program.save(str(path), external_data=False)
-    except Exception as err:
-        raise ModelError(f"ONNX export of {type(net).__name__} failed: {err}") from None
-    try:
-        diff = onnx_parity(net, path, clip)
-    except Exception as err:  # onnxruntime raises its own error types
-        raise ModelError(f"Exported ONNX model cannot be run by onnxruntime: {err}") from None
-    if not np.isfinite(diff) or diff > ONNX_PARITY_ATOL:
-        raise ModelError(
-            f"ONNX export differs from PyTorch by {diff:.3g} (> {ONNX_PARITY_ATOL:g}); not registered."
-        )
-    return {"file": path.name, "sha256": _sha256_file(path), "opset": opset, "max_abs_diff": diff}
-
-
-def _forward_arg(net: nn.Module) -> str:
-    import inspect
-
-    return next(iter(inspect.signature(net.forward).parameters), "x")
-
-
-def onnx_parity(net: nn.Module, path: Path, clip_samples: int, batch: int = 3) -> float:
-    """Max |logits_onnx - logits_torch| on a fixed random batch of waveforms."""
-    import numpy as np
-    import onnxruntime as ort
-    import torch
-
-    waves = torch.randn(batch, clip_samples, generator=torch.Generator().manual_seed(1)) * 0.1
-    with torch.inference_mode():
-        expected = net.eval()(waves).numpy()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    got = session.run(None, {name: waves.numpy()})[0]
-    return float(np.max(np.abs(got - expected)))
-
-
-# -- W&B ----------------------------------------------------------------------------------
-
-
-def _log_wandb_artifact(folder: Path, bundle: Mapping[str, Any], *, promoted: bool) -> None:
-    """Log a registered bundle as a W&B artifact when a run is active; best effort.
-
-    The local registry is the source of truth; a failure here is only logged. wandb is
-    imported only if something already imported it (an active run implies that).
-    """
-    import sys
-
-    if "wandb" not in sys.modules:
-        return
-    try:
-        import wandb
-
-        run = wandb.run
-        if run is None:
-            return
-        artifact = wandb.Artifact(
-            name="faultsense-model",
-            type="model",
-            metadata={k: v for k, v in bundle.items() if k != "config"},
-        )
-        artifact.add_dir(str(folder))
-        aliases = [str(bundle["version"])] + (["current"] if promoted else [])
-        run.log_artifact(artifact, aliases=aliases)
-    except Exception as err:  # never let tracking break registration
-        log.warning("Could not log %s to W&B: %s", folder.name, err)
+        return register_run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

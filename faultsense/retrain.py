@@ -6,49 +6,34 @@ the labeled uploads, evaluates the new and the current model on the same fixed s
 registers the new version with `parent_version` = the current one, and promotes it only
 if it passes the gate (new macro F1 >= current macro F1 - `tolerance`; `force` overrides).
 The decision is recorded in the new bundle's `retrain` entry and, with `job_dir` set, in
-`job_dir/decision.json`; progress goes to `job_dir/status.json` for the server to read.
+`job_dir/decision.json`; progress goes to `job_dir/status.json` for the server to read
+(`faultsense.retrain_job`).
 """
 
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import logging
-import sys
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from . import CONFIG_DIR
+from .config import instantiate, plain, resolved_config, run_cli, utc_now
 from .errors import ConfigError, FaultSenseError, ModelError
-from .registry import Registry, export_checkpoint, fault_point, write_json_atomic
+from .registry import Bundle, Registry, fault_point
+from .retrain_job import JobStatus
+from .train import finish_wandb_run, loggers_and_callbacks
+from .wandb_artifact import log_bundle_artifact
 
 log = logging.getLogger(__name__)
 
-STATUS_FILE = "status.json"
-DECISION_FILE = "decision.json"
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-class JobStatus:
-    """Progress of one retrain run in `job_dir/status.json` (atomic writes); no-op without a dir."""
-
-    def __init__(self, job_dir: str | Path | None) -> None:
-        self.path = Path(job_dir) / STATUS_FILE if job_dir else None
-        self.data: dict[str, Any] = {"state": "running", "epoch": 0, "metrics": {}}
-
-    def update(self, **fields: Any) -> None:
-        self.data.update(fields, updated_at=_now())
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.path, self.data)
+# The gate compares this metric, on the evaluation split (`test/...` or `val/...`).
+GATE_METRIC = "f1_macro"
 
 
 class _Progress(L.Callback):
@@ -85,20 +70,59 @@ def evaluate(net: torch.nn.Module, loader: Any, num_classes: int) -> dict[str, f
     }
 
 
-def _plain(node: Any) -> Any:
-    if node is None:
-        return None
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+def gate(
+    new: Mapping[str, float],
+    current: Mapping[str, float],
+    *,
+    metric: str,
+    tolerance: float = 0.0,
+    force: bool = False,
+    parent_version: str | None = None,
+    current_version: str | None = None,
+) -> dict[str, Any]:
+    """Decide whether the new model replaces the current one. Pure: metrics in, decision out.
 
-
-def _instantiate_all(group: Any) -> list[Any]:
-    if not group:
-        return []
-    return [hydra.utils.instantiate(n) for n in group.values() if n and "_target_" in n]
+    Passes when `new[metric] >= current[metric] - tolerance`; a metric missing (or NaN) on
+    either side fails it. Promotes when it passes and the registry's current version is
+    still `parent_version` (another promotion while retraining ran wins), or when `force`.
+    Returns {promoted, forced, passed_gate, reason, gate_metric, tolerance,
+    parent_version, new_metrics, current_metrics}.
+    """
+    new_score, current_score = new.get(metric), current.get(metric)
+    if new_score is None or current_score is None:
+        side = "new" if new_score is None else "current"
+        comparison, passed = f"{metric} is missing from the {side} model's metrics", False
+    else:
+        passed = new_score >= current_score - tolerance  # False for NaN
+        sign = ">=" if passed else "<"
+        comparison = f"{metric} {new_score:.4f} {sign} {current_score:.4f} - {tolerance:g}"
+    still_current = current_version == parent_version
+    if not still_current and not force:
+        reason = (
+            f"not promoted: the current model changed from {parent_version} to "
+            f"{current_version} while retraining ran"
+        )
+    elif passed:
+        reason = f"{comparison}: promoted"
+    elif force:
+        reason = f"{comparison}: promoted anyway (force)"
+    else:
+        reason = f"{comparison}: kept {parent_version}"
+    return {
+        "promoted": bool(force or (passed and still_current)),
+        "forced": bool(force and not (passed and still_current)),
+        "passed_gate": passed,
+        "reason": reason,
+        "gate_metric": metric,
+        "tolerance": tolerance,
+        "parent_version": parent_version,
+        "new_metrics": dict(new),
+        "current_metrics": dict(current),
+    }
 
 
 def retrain(cfg: DictConfig) -> dict[str, Any]:
-    """Fine-tune, evaluate, register and gate; returns {version, promoted, decision, metrics}.
+    """Fine-tune, evaluate, gate and register; returns {version, promoted, decision, metrics}.
 
     Writes `state: failed` with the error to the job status before re-raising.
     """
@@ -111,10 +135,7 @@ def retrain(cfg: DictConfig) -> dict[str, Any]:
         status.update(state="failed", stage="failed", error=message)
         raise
     finally:
-        if "wandb" in sys.modules:
-            import wandb
-
-            wandb.finish()
+        finish_wandb_run()
     status.update(
         state="succeeded",
         stage="done",
@@ -126,24 +147,54 @@ def retrain(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _retrain(cfg: DictConfig, status: JobStatus) -> dict[str, Any]:
-    from .data.datamodule import prepared_datamodule
-    from .models.classifier import FaultClassifier
-
-    epochs = cfg.get("epochs")
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise ConfigError(f"epochs must be a positive integer, got {epochs!r}.")
-    tolerance = float(cfg.get("tolerance", 0.0))
-    force = bool(cfg.get("force", False))
+    """The steps: fine-tune the current model, evaluate both, gate, register."""
+    epochs = _epochs(cfg)
     L.seed_everything(cfg.seed, workers=True)
-
     registry = Registry(cfg.paths.registry_dir)
     parent = registry.current()  # RegistryError when there is nothing to fine-tune
     parent_net = parent.load_net()
-    rate, clip = parent.sample_rate, parent.clip_samples
     log.info("Fine-tuning %s for %d epochs", parent.version, epochs)
+    datamodule = _datamodule(cfg, parent)
+    net, meta = fine_tune(cfg, parent, parent_net, datamodule, status, epochs)
 
-    # The data must match the bundle's input (rate, clip length); uploads join train. A
-    # bundle has no category head: clips without a fault label would teach it nothing.
+    status.update(stage="evaluating")
+    split, new_metrics, current_metrics = evaluate_both(net, parent_net, datamodule)
+    decision = gate(
+        new_metrics,
+        current_metrics,
+        metric=f"{split}/{GATE_METRIC}",
+        tolerance=float(cfg.get("tolerance", 0.0)),
+        force=bool(cfg.get("force", False)),
+        parent_version=parent.version,
+        current_version=registry.current_version(),
+    )
+    decision.update(_decision_context(cfg, datamodule, split, epochs))
+
+    status.update(stage="registering")
+    version = register(registry, net, meta, decision, datamodule, cfg)
+    status.write_decision(decision)
+    log.info("Registered %s (parent %s): %s", version, parent.version, decision["reason"])
+    return {
+        "version": version,
+        "promoted": decision["promoted"],
+        "decision": decision,
+        "metrics": new_metrics,
+    }
+
+
+def _epochs(cfg: DictConfig) -> int:
+    epochs = cfg.get("epochs")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ConfigError(f"epochs must be a positive integer, got {epochs!r}.")
+    return epochs
+
+
+def _datamodule(cfg: DictConfig, parent: Bundle) -> Any:
+    """The configured data at the bundle's input (rate, clip length), uploads joining train.
+    A bundle has no category head: clips without a fault label would teach it nothing."""
+    from .data.datamodule import prepared_datamodule
+
+    rate, clip = parent.sample_rate, parent.clip_samples
     datamodule = prepared_datamodule(
         cfg.data,
         sample_rate=rate,
@@ -157,31 +208,25 @@ def _retrain(cfg: DictConfig, status: JobStatus) -> dict[str, Any]:
             f"Model {parent.version} predicts {parent.labels} but the data has labels "
             f"{datamodule.labels}; retrain from scratch with `faultsense-train` instead."
         )
+    return datamodule
 
-    optimizer = dict(_plain(cfg.model.get("optimizer")) or {"name": "adamw", "lr": 1e-3})
-    optimizer["lr"] = float(optimizer.get("lr", 1e-3)) * float(cfg.get("lr_scale", 1.0))
-    spec = parent.meta["net_spec"]
-    model = FaultClassifier(
-        net={k: spec[k] for k in ("frontend", "backbone", "head") if k in spec},
-        num_classes=len(parent.labels),
-        sample_rate=rate,
-        clip_samples=clip,
-        labels=parent.labels,
-        class_weights=list(datamodule.class_weights) if cfg.get("class_weighted", True) else None,
-        optimizer=optimizer,
-        scheduler=_plain(cfg.model.get("scheduler")),
-        augment=_plain(cfg.model.get("augment")),
-        label_smoothing=float(cfg.model.get("label_smoothing", 0.0)),
-    )
+
+def fine_tune(
+    cfg: DictConfig,
+    parent: Bundle,
+    parent_net: torch.nn.Module,
+    datamodule: Any,
+    status: JobStatus,
+    epochs: int,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train a copy of `parent_net` for `epochs`; returns the best (eval-mode) net and its
+    bundle meta (net_spec, labels, sample_rate, clip_samples)."""
+    from .export import export_checkpoint
+
+    model = _classifier(cfg, parent, datamodule)
     model.net.load_state_dict(parent_net.state_dict())
-
-    loggers = _instantiate_all(cfg.get("logger"))
-    callbacks = _instantiate_all(cfg.get("callbacks"))
-    if not loggers:
-        from lightning.pytorch.callbacks import LearningRateMonitor
-
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = hydra.utils.instantiate(
+    loggers, callbacks = loggers_and_callbacks(cfg)
+    trainer: L.Trainer = instantiate(
         cfg.trainer,
         max_epochs=epochs,
         min_epochs=1,
@@ -195,89 +240,98 @@ def _retrain(cfg: DictConfig, status: JobStatus) -> dict[str, Any]:
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None else ""
     if best:
-        net, meta = export_checkpoint(best)
-    else:
-        net, meta = (
-            model.net.eval(),
-            {
-                "net_spec": model.net_spec(),
-                "labels": parent.labels,
-                "sample_rate": rate,
-                "clip_samples": clip,
-            },
-        )
+        return export_checkpoint(best)
+    meta = {
+        "net_spec": model.net_spec(),
+        "labels": parent.labels,
+        "sample_rate": parent.sample_rate,
+        "clip_samples": parent.clip_samples,
+    }
+    return model.net.eval(), meta
 
-    status.update(stage="evaluating")
-    num_classes = len(parent.labels)
+
+def _classifier(cfg: DictConfig, parent: Bundle, datamodule: Any) -> Any:
+    """A FaultClassifier with the parent's architecture and the configured training options
+    (learning rate scaled by `lr_scale`)."""
+    from .models.classifier import FaultClassifier
+
+    optimizer = dict(plain(cfg.model.get("optimizer")) or {"name": "adamw", "lr": 1e-3})
+    optimizer["lr"] = float(optimizer.get("lr", 1e-3)) * float(cfg.get("lr_scale", 1.0))
+    spec = parent.meta["net_spec"]
+    return FaultClassifier(
+        net={k: spec[k] for k in ("frontend", "backbone", "head") if k in spec},
+        num_classes=len(parent.labels),
+        sample_rate=parent.sample_rate,
+        clip_samples=parent.clip_samples,
+        labels=parent.labels,
+        class_weights=list(datamodule.class_weights) if cfg.get("class_weighted", True) else None,
+        optimizer=optimizer,
+        scheduler=plain(cfg.model.get("scheduler")),
+        augment=plain(cfg.model.get("augment")),
+        label_smoothing=float(cfg.model.get("label_smoothing", 0.0)),
+    )
+
+
+def evaluate_both(
+    net: torch.nn.Module, parent_net: torch.nn.Module, datamodule: Any
+) -> tuple[str, dict[str, float], dict[str, float]]:
+    """(split, new metrics, current metrics): the new net on val (+ test), the current one on
+    the evaluation split only (test; val when the test fold is absent)."""
+    num_classes = len(datamodule.labels)
     split = "test" if datamodule.has_test else "val"
-    new_metrics: dict[str, float] = {}
-    current_metrics: dict[str, float] = {}
     splits = [("val", datamodule.val_dataloader())]
     if datamodule.has_test:
         splits.append(("test", datamodule.test_dataloader()))
-    for name, loader in splits:
-        for key, value in evaluate(net, loader, num_classes).items():
-            new_metrics[f"{name}/{key}"] = value
-    for key, value in evaluate(parent_net, splits[-1][1], num_classes).items():
-        current_metrics[f"{split}/{key}"] = value
+    new_metrics = {
+        f"{name}/{key}": value
+        for name, loader in splits
+        for key, value in evaluate(net, loader, num_classes).items()
+    }
+    current = evaluate(parent_net, splits[-1][1], num_classes)
+    return split, new_metrics, {f"{split}/{key}": value for key, value in current.items()}
 
-    gate = f"{split}/f1_macro"
-    new_score, current_score = new_metrics[gate], current_metrics[gate]
-    passed = new_score >= current_score - tolerance
-    still_current = registry.current_version() == parent.version
-    promote = force or (passed and still_current)
-    if not still_current and not force:
-        reason = (
-            f"not promoted: the current model changed from {parent.version} to "
-            f"{registry.current_version()} while retraining ran"
-        )
-    elif passed:
-        reason = f"{gate} {new_score:.4f} >= {current_score:.4f} - {tolerance:g}: promoted"
-    elif force:
-        reason = (
-            f"{gate} {new_score:.4f} < {current_score:.4f} - {tolerance:g}: promoted anyway (force)"
-        )
-    else:
-        reason = (
-            f"{gate} {new_score:.4f} < {current_score:.4f} - {tolerance:g}: kept {parent.version}"
-        )
-    decision: dict[str, Any] = {
-        "promoted": promote,
-        "forced": bool(force and not (passed and still_current)),
-        "passed_gate": passed,
-        "reason": reason,
-        "gate_metric": gate,
-        "tolerance": tolerance,
+
+def _decision_context(cfg: DictConfig, datamodule: Any, split: str, epochs: int) -> dict[str, Any]:
+    """What the decision record says about the run besides the gate itself."""
+    context: dict[str, Any] = {
         "split": split,
-        "parent_version": parent.version,
-        "new_metrics": new_metrics,
-        "current_metrics": current_metrics,
         "epochs": epochs,
         "train_clips": int(sum(datamodule.class_counts.values())),
         "uploads": _upload_counts(cfg),
-        "decided_at": _now(),
+        "decided_at": utc_now(),
     }
     if split == "val":
-        decision["note"] = (
+        context["note"] = (
             f"test fold {cfg.data.get('test_fold')} is absent: the gate compared the models on "
             f"the val fold {datamodule.val_fold}, which also selected the checkpoint (optimistic)."
         )
+    return context
 
-    status.update(stage="registering")
+
+def register(
+    registry: Registry,
+    net: torch.nn.Module,
+    meta: dict[str, Any],
+    decision: dict[str, Any],
+    datamodule: Any,
+    cfg: DictConfig,
+) -> str:
+    """Register the fine-tuned net with its parent, data and decision; promote it if the
+    decision says so. Sets `decision["version"]`; returns the version."""
+    promoted = bool(decision["promoted"])
     meta.update(
-        metrics=new_metrics,
-        parent_version=parent.version,
+        metrics=decision["new_metrics"],
+        parent_version=decision["parent_version"],
         data_fingerprint=getattr(datamodule, "fingerprint", None),
         mapping=copy.deepcopy(getattr(datamodule, "mapping", None)),
-        config=_config(cfg),
+        config=resolved_config(cfg),
         retrain=decision,
     )
-    version = registry.register(net, meta, promote=promote, reason=f"retrain: {reason}")
+    reason = f"retrain: {decision['reason']}"
+    version = registry.register(net, meta, promote=promoted, reason=reason)
     decision["version"] = version
-    if cfg.get("job_dir"):
-        write_json_atomic(Path(cfg.job_dir) / DECISION_FILE, decision)
-    log.info("Registered %s (parent %s): %s", version, parent.version, reason)
-    return {"version": version, "promoted": promote, "decision": decision, "metrics": new_metrics}
+    log_bundle_artifact(registry.get(version), promoted=promoted)
+    return version
 
 
 def _upload_counts(cfg: DictConfig) -> dict[str, int]:
@@ -289,21 +343,10 @@ def _upload_counts(cfg: DictConfig) -> dict[str, int]:
         return {}
 
 
-def _config(cfg: DictConfig) -> Any:
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # `${hydra:...}` resolves only inside a Hydra run
-        return OmegaConf.to_container(cfg, resolve=False)
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="retrain")
 def main(cfg: DictConfig) -> None:
     """`faultsense-retrain`: fine-tune, gate and (maybe) promote; prints the decision."""
-    try:
-        result = retrain(cfg)
-    except FaultSenseError as err:
-        print(f"{type(err).__name__}: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    result = run_cli("faultsense-retrain", retrain, cfg)
     print(result["decision"]["reason"])
 
 

@@ -12,15 +12,17 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from . import CONFIG_DIR
-from .errors import ConfigError, FaultSenseError
+from .config import instantiate, instantiate_all, plain, resolved_config, run_cli
+from .errors import ConfigError
 from .fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -62,23 +64,24 @@ def _wandb_key() -> bool:
         return False
 
 
-def instantiate(node: Any, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate, but a FaultSenseError raised inside comes out as itself
-    (Hydra wraps it in InstantiationException), so CLIs print it cleanly."""
-    from hydra.errors import InstantiationException
+def finish_wandb_run() -> None:
+    """End the W&B run if one was started (every job finishes its run; wandb only if loaded)."""
+    if "wandb" in sys.modules:
+        import wandb
 
-    try:
-        return hydra.utils.instantiate(node, **kwargs)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, FaultSenseError):
-            raise err.__cause__ from None
-        raise
+        wandb.finish()
 
 
-def _instantiate_all(group: DictConfig | None) -> list[Any]:
-    if not group:
-        return []
-    return [instantiate(node) for node in group.values() if node and "_target_" in node]
+def loggers_and_callbacks(cfg: DictConfig) -> tuple[list[Any], list[Any]]:
+    """The configured loggers and callbacks, built; without a logger, no LearningRateMonitor
+    (it refuses to run without one)."""
+    loggers = instantiate_all(cfg.get("logger"))
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    if not loggers:
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return loggers, callbacks
 
 
 def _hydra_job_info() -> dict[str, Any]:
@@ -98,7 +101,34 @@ def train(cfg: DictConfig) -> TrainResult:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    datamodule, model = _data_and_model(cfg)
+    loggers, callbacks = loggers_and_callbacks(cfg)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    result = TrainResult()
+    result.output_dir = str(output_dir)
+    try:
+        for logger in loggers:
+            logger.log_hyperparams(plain(cfg))
+        started = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        timing = {"fit_seconds": time.perf_counter() - started, "epochs": trainer.current_epoch}
+        result.update(metric_floats(trainer.callback_metrics, ("train/", "val/f1_macro_best")))
+        result.best_ckpt_path = _best_checkpoint(trainer)
+        _validate_best(trainer, model, datamodule, result)
+        if cfg.get("test", True):
+            _test_best(cfg, trainer, model, datamodule, result)
+        if trainer.is_global_zero:
+            if cfg.get("register") and result.best_ckpt_path:
+                result.version = register_run(result.best_ckpt_path, datamodule, cfg, result)
+                log.info("registered %s as %s", result.best_ckpt_path, result.version)
+            _write_summary(output_dir / "metrics.json", cfg, result, datamodule, model, timing)
+    finally:
+        finish_wandb_run()
+    return result
 
+
+def _data_and_model(cfg: DictConfig) -> tuple[Any, L.LightningModule]:
+    """The prepared datamodule and the configured model, sized to its labels and clips."""
     from .data.datamodule import prepared_datamodule
 
     # Clips with no fault label only cost time for a model without a category head.
@@ -115,68 +145,74 @@ def train(cfg: DictConfig) -> TrainResult:
         num_categories=len(datamodule.categories),
         _recursive_=False,
     )
-    loggers = _instantiate_all(cfg.get("logger"))
-    callbacks = _instantiate_all(cfg.get("callbacks"))
-    if not loggers:  # LearningRateMonitor refuses to run without a logger
-        from lightning.pytorch.callbacks import LearningRateMonitor
+    return datamodule, model
 
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    result = TrainResult()
-    result.output_dir = str(output_dir)
-    try:
-        for logger in loggers:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        started = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        fit_seconds = time.perf_counter() - started
-        epochs = int(trainer.current_epoch)
-        result.update(_floats(trainer.callback_metrics, ("train/", "val/f1_macro_best")))
 
-        best = _best_checkpoint(trainer)
-        result.best_ckpt_path = str(best)
-        # The reported val metrics are the best checkpoint's (the model one would ship),
-        # not the last epoch's.
-        if best:
-            validated = trainer.validate(
-                model, datamodule=datamodule, ckpt_path=best, verbose=False
-            )
-            best_so_far = result.get("val/f1_macro_best")
-            result.update(_floats(validated[0], ("val/",)))
-            if best_so_far is not None:
-                result["val/f1_macro_best"] = best_so_far
-        else:
-            result.update(_floats(trainer.callback_metrics, ("val/",)))
+def _validate_best(
+    trainer: L.Trainer, model: L.LightningModule, datamodule: Any, result: TrainResult
+) -> None:
+    """Put the best checkpoint's val metrics in `result` (the model one would ship), not
+    the last epoch's; the best-so-far is kept as logged during training."""
+    best = result.best_ckpt_path
+    if not best:
+        result.update(metric_floats(trainer.callback_metrics, ("val/",)))
+        return
+    validated = trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+    best_so_far = result.get("val/f1_macro_best")
+    result.update(metric_floats(validated[0], ("val/",)))
+    if best_so_far is not None:
+        result["val/f1_macro_best"] = best_so_far
 
-        if cfg.get("test", True):
-            if datamodule.has_test:
-                tested = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
-                result.update(_floats(tested[0], ("test/",)))
-            else:
-                log.warning(
-                    "test fold %s not present in %s (folds present: %s), skipping test",
-                    cfg.data.get("test_fold"),
-                    cfg.data.get("source") or "the dataset",
-                    list(datamodule.folds_present),
-                )
 
-        if trainer.is_global_zero:
-            if cfg.get("register") and best:
-                from .registry import register_from_training
+def _test_best(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    model: L.LightningModule,
+    datamodule: Any,
+    result: TrainResult,
+) -> None:
+    """Test the best checkpoint into `result` when the test fold is present; warn otherwise."""
+    if not datamodule.has_test:
+        log.warning(
+            "test fold %s not present in %s (folds present: %s), skipping test",
+            cfg.data.get("test_fold"),
+            cfg.data.get("source") or "the dataset",
+            list(datamodule.folds_present),
+        )
+        return
+    tested = trainer.test(model, datamodule=datamodule, ckpt_path=result.best_ckpt_path or None)
+    result.update(metric_floats(tested[0], ("test/",)))
 
-                result.version = register_from_training(
-                    ckpt_path=best, datamodule=datamodule, cfg=cfg, metrics=dict(result)
-                )
-                log.info("registered %s as %s", best, result.version)
-            _write_summary(
-                output_dir / "metrics.json", cfg, result, datamodule, model, fit_seconds, epochs
-            )
-    finally:
-        if "wandb" in sys.modules:
-            import wandb
 
-            wandb.finish()
-    return result
+def register_run(
+    ckpt_path: str | os.PathLike[str],
+    datamodule: Any,
+    cfg: DictConfig,
+    metrics: Mapping[str, Any],
+) -> str:
+    """Register a run's best checkpoint: the config is read here, once, into plain values.
+
+    `paths.registry_dir` is the registry; `promote` (default true: `make train` should
+    make the fresh model the one served; the first version always is) and `export.onnx`
+    (an ONNX file checked against PyTorch) are the options.
+    """
+    from .export import TrainingRecord, float_metrics, register_from_training
+
+    record = TrainingRecord(
+        metrics=float_metrics(metrics),
+        labels=list(datamodule.labels),
+        data_fingerprint=getattr(datamodule, "fingerprint", None),
+        mapping=plain(getattr(datamodule, "mapping", None)),
+        config=resolved_config(cfg),
+    )
+    promote = cfg.get("promote")
+    return register_from_training(
+        ckpt_path,
+        record,
+        registry_dir=(cfg.get("paths") or {}).get("registry_dir") or None,
+        promote=True if promote is None else bool(promote),
+        onnx=bool((cfg.get("export") or {}).get("onnx", False)),
+    )
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str:
@@ -187,7 +223,8 @@ def _best_checkpoint(trainer: L.Trainer) -> str:
     return ""
 
 
-def _floats(metrics: Any, prefixes: tuple[str, ...]) -> dict[str, float]:
+def metric_floats(metrics: Any, prefixes: tuple[str, ...]) -> dict[str, float]:
+    """The scalar entries of `metrics` whose names start with one of `prefixes`, as floats."""
     return {
         str(k): float(v)
         for k, v in dict(metrics).items()
@@ -195,9 +232,17 @@ def _floats(metrics: Any, prefixes: tuple[str, ...]) -> dict[str, float]:
     }
 
 
-def _write_summary(path, cfg, result, datamodule, model, fit_seconds, epochs) -> None:
+def _write_summary(
+    path: Path,
+    cfg: DictConfig,
+    result: TrainResult,
+    datamodule: Any,
+    model: L.LightningModule,
+    timing: Mapping[str, float],
+) -> None:
     """metrics.json next to the run: what the CV aggregator and humans read."""
     train_clips = len(datamodule.train_set)  # aux-only clips included: they cost as much
+    fit_seconds, epochs = float(timing["fit_seconds"]), int(timing["epochs"])
     summary = {
         "metrics": dict(result),
         "best_ckpt_path": result.best_ckpt_path,
@@ -218,15 +263,6 @@ def _write_summary(path, cfg, result, datamodule, model, fit_seconds, epochs) ->
     write_json_atomic(path, summary)
 
 
-def run_cli(fn, cfg: DictConfig) -> Any:
-    """Run an entry point's body: a FaultSenseError prints its message and exits 2, no traceback."""
-    try:
-        return fn(cfg)
-    except FaultSenseError as err:
-        print(f"{type(err).__name__}: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 def _train_for_sweep(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     name = cfg.get("optimized_metric")
@@ -237,7 +273,7 @@ def _train_for_sweep(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return run_cli(_train_for_sweep, cfg)
+    return run_cli("faultsense-train", _train_for_sweep, cfg)
 
 
 if __name__ == "__main__":

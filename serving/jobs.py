@@ -31,14 +31,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from faultsense.config import utc_now
 from faultsense.errors import ConfigError
 from faultsense.fileio import write_json_atomic
+from faultsense.retrain_job import DECISION_FILE, STATUS_FILE
 
 log = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
-STATUS_FILE = "status.json"
-DECISION_FILE = "decision.json"
 LOG_FILE = "log.txt"
 ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("succeeded", "failed")
@@ -56,10 +56,6 @@ class JobBusyError(Exception):
             f"(GET /retrain/{job_id}) before starting another."
         )
         self.job_id = job_id
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -204,7 +200,7 @@ class JobRunner:
                 "state": "queued",
                 "epochs": epochs,
                 "force": force,
-                "created_at": _now(),
+                "created_at": utc_now(),
             }
             write_json_atomic(path / JOB_FILE, job)
             argv = self._argv(path, epochs=epochs, force=force)
@@ -219,7 +215,7 @@ class JobRunner:
                     env=env,
                     close_fds=True,
                 )
-            job.update(state="running", pid=proc.pid, started_at=_now(), argv=argv)
+            job.update(state="running", pid=proc.pid, started_at=utc_now(), argv=argv)
             write_json_atomic(path / JOB_FILE, job)
         threading.Thread(
             target=self._watch, args=(proc, path), name=f"retrain-{job_id}", daemon=True
@@ -257,7 +253,7 @@ class JobRunner:
         job = _read_json(path / JOB_FILE) or {}
         status = _read_json(path / STATUS_FILE) or {}
         job["returncode"] = rc
-        job["finished_at"] = _now()
+        job["finished_at"] = utc_now()
         if rc == 0 and error is None:
             job["state"] = (
                 status.get("state") if status.get("state") in FINAL_STATES else "succeeded"
@@ -297,7 +293,7 @@ class JobRunner:
         else:
             fresh["state"] = "failed"
             fresh["error"] = "Retraining was interrupted (its process is gone)."
-        fresh.setdefault("finished_at", _now())
+        fresh.setdefault("finished_at", utc_now())
         with contextlib.suppress(OSError):
             write_json_atomic(path / JOB_FILE, fresh)
         return fresh

@@ -36,7 +36,8 @@ import pytest
 
 from faultsense.data.uploads import UploadStore
 from faultsense.errors import RegistryError
-from faultsense.registry import Registry, export_checkpoint
+from faultsense.export import export_checkpoint
+from faultsense.registry import Registry
 from faultsense.taxonomy import LABELS
 from tests import hostile
 from tests.fixtures.server import REPO, retrain_overrides_for, start_server

@@ -11,7 +11,8 @@ import torch
 from faultsense.audio import fix_length, to_wav_bytes
 from faultsense.errors import AudioError, RegistryError
 from faultsense.inference import Predictor
-from faultsense.registry import Registry, onnx_parity
+from faultsense.onnx_export import onnx_parity
+from faultsense.registry import Registry
 
 
 def clip(seconds: float, seed: int, sr: int = 16_000) -> np.ndarray:
