@@ -12,6 +12,7 @@ goes under FAULTSENSE_ROOT (default: the working directory): data/, models/, log
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -23,15 +24,28 @@ import hydra
 from omegaconf import DictConfig
 
 from faultsense import CONFIG_DIR
-from faultsense.errors import ConfigError, FaultSenseError
+from faultsense.config import plain, run_cli
+from faultsense.errors import ConfigError
 from faultsense.taxonomy import LABELS
 from serving.process import stop_group
 
-# Absolute, so the installed `faultsense-app` script finds configs/ from any module path.
-
 
 def say(message: str) -> None:
-    print(f"[demo] {message}", flush=True)
+    """Print one `[demo]` progress line."""
+    write_line(f"[demo] {message}")
+
+
+def write_line(text: str) -> None:
+    """Print `text`; never raises. After Ctrl-C on `make demo | tee demo.log` the pipe's
+    reader is gone, and stopping the server must not fail on the message that says so."""
+    try:
+        print(text, flush=True)
+    except (OSError, ValueError):  # BrokenPipeError; ValueError: sys.stdout was closed
+        with contextlib.suppress(OSError, ValueError):
+            # Later prints and the flush at exit then go nowhere instead of raising again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 def port_free(host: str, port: int) -> bool:
@@ -48,7 +62,7 @@ def make_synthetic(train_cfg: DictConfig) -> Path:
     from faultsense.data import synthetic
 
     source = Path(train_cfg.data.source)
-    params = dict(train_cfg.data.synthetic)
+    params = plain(train_cfg.data.synthetic)
     if synthetic.matches(source, **params):
         say(f"synthetic dataset already at {source}")
     else:
@@ -110,25 +124,43 @@ def start(argv: list[str]) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen | None, name: str) -> None:
+    """Stop `proc` and its process group, whatever printing the message does."""
     if proc is None or proc.poll() is not None:
         return
-    say(f"stopping the {name} ...")
-    stop_group(proc)
+    try:
+        say(f"stopping the {name} ...")
+    finally:
+        stop_group(proc)
 
 
-def demo(cfg: DictConfig) -> None:
-    """Prepare data and a model if needed, then run server + app until interrupted."""
-    from hydra import compose
+def stop_both(app: subprocess.Popen | None, server: subprocess.Popen | None) -> None:
+    """Stop the app, then the server (with its workers), even if stopping the app fails."""
+    # A second Ctrl-C (or SIGTERM) while stopping would abandon the server on its port;
+    # stop_group is bounded (SIGKILL after its grace), so ignoring them cannot hang.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        stop(app, "app")
+    finally:
+        stop(server, "server")
 
-    from faultsense.registry import Registry
 
-    host, app_port, server_port = str(cfg.host), int(cfg.port), int(cfg.demo.server_port)
-    for port in (server_port, app_port):
+def check_ports(host: str, ports: tuple[int, ...]) -> None:
+    for port in ports:
         if not port_free(host, port):
             raise ConfigError(
                 f"port {port} on {host} is in use (an earlier demo or server?). Stop it, or "
                 'pick others: make demo ARGS="port=7861 demo.server_port=8001".'
             )
+
+
+def prepare_model(cfg: DictConfig) -> None:
+    """Train and register the demo model unless the registry has one (or demo.retrain),
+    and write the example clips."""
+    from hydra import compose
+
+    from faultsense.registry import Registry
+
     train_cfg = compose(config_name="train", overrides=[f"experiment={cfg.demo.experiment}"])
     registry = Registry(cfg.paths.registry_dir)
     if cfg.demo.retrain or registry.current_version() is None:
@@ -142,34 +174,26 @@ def demo(cfg: DictConfig) -> None:
         float(cfg.demo.example_seconds),
     )
 
+
+def run_services(cfg: DictConfig, host: str, server_port: int, app_port: int) -> None:
+    """Start the server, then the app; wait for Ctrl-C or for either to exit; stop both."""
     server_url = f"http://{host}:{server_port}"
     app_url = f"http://{host}:{app_port}"
+    timeout_s = float(cfg.demo.startup_timeout_s)
+    # Retraining from the app fine-tunes on the same synthetic data (offline).
+    retrain_overrides = f"retrain.overrides=['experiment={cfg.demo.experiment}']"
     server = app = None
     try:
-        # Retraining from the app fine-tunes on the same synthetic data (offline).
-        retrain_overrides = f"retrain.overrides=['experiment={cfg.demo.experiment}']"
         server = start(
-            [
-                sys.executable,
-                "-m",
-                "serving.server",
-                f"host={host}",
-                f"port={server_port}",
-                retrain_overrides,
-            ]
-        )
-        wait_http(f"{server_url}/health", server, "server", float(cfg.demo.startup_timeout_s))
+            [sys.executable, "-m", "serving.server", f"host={host}", f"port={server_port}",
+             retrain_overrides]
+        )  # fmt: skip
+        wait_http(f"{server_url}/health", server, "server", timeout_s)
         app = start(
-            [
-                sys.executable,
-                "-m",
-                "serving.app",
-                f"host={host}",
-                f"port={app_port}",
-                f"server_url={server_url}",
-            ]
-        )
-        wait_http(app_url, app, "app", float(cfg.demo.startup_timeout_s))
+            [sys.executable, "-m", "serving.app", f"host={host}", f"port={app_port}",
+             f"server_url={server_url}"]
+        )  # fmt: skip
+        wait_http(app_url, app, "app", timeout_s)
         say(f"server: {server_url}  (try: curl -F file=@clip.wav {server_url}/predict)")
         say(f"app:    {app_url}")
         say("press Ctrl-C to stop both")
@@ -177,10 +201,17 @@ def demo(cfg: DictConfig) -> None:
             time.sleep(0.5)
         say("a process exited; shutting down")
     except KeyboardInterrupt:
-        print(flush=True)
+        write_line("")  # end the terminal's "^C" line
     finally:
-        stop(app, "app")
-        stop(server, "server")
+        stop_both(app, server)
+
+
+def demo(cfg: DictConfig) -> None:
+    """Prepare data and a model if needed, then run server + app until interrupted."""
+    host, app_port, server_port = str(cfg.host), int(cfg.port), int(cfg.demo.server_port)
+    check_ports(host, (server_port, app_port))
+    prepare_model(cfg)
+    run_services(cfg, host, server_port, app_port)
 
 
 def _terminate_as_interrupt(signum: int, frame: object) -> None:
@@ -190,11 +221,7 @@ def _terminate_as_interrupt(signum: int, frame: object) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="app")
 def main(cfg: DictConfig) -> None:
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    try:
-        demo(cfg)
-    except FaultSenseError as err:
-        print(f"{type(err).__name__}: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli("demo", demo, cfg)
 
 
 if __name__ == "__main__":
