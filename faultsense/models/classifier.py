@@ -24,6 +24,7 @@ from torchmetrics.classification import (
 )
 
 from ..errors import ConfigError
+from ..figures import confusion_figure, rgba_image
 from ..taxonomy import LABELS, NUM_LABELS
 from .frontend import WaveAugment, mixup
 from .net import BACKBONES, FaultNet, Head, build_net, plain  # noqa: F401  (re-exported)
@@ -41,30 +42,6 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
         },
         prefix=prefix,
     )
-
-
-def confusion_figure(matrix: list[list[int]], labels: list[str], title: str):
-    """A matplotlib figure of a confusion matrix (rows = true, columns = predicted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=100)
-    ax.imshow(matrix, cmap="Blues")
-    n = len(labels)
-    ax.set_xticks(range(n), labels, rotation=35, ha="right", fontsize=8)
-    ax.set_yticks(range(n), labels, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    peak = max(max(row) for row in matrix) or 1
-    for i in range(n):
-        for j in range(n):
-            color = "white" if matrix[i][j] > peak / 2 else "black"
-            ax.text(j, i, str(matrix[i][j]), ha="center", va="center", color=color, fontsize=9)
-    fig.tight_layout()
-    return fig
 
 
 class _KeepLength:
@@ -267,11 +244,8 @@ class FaultClassifier(L.LightningModule):
 
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
-                import matplotlib.pyplot as plt
-
                 fig = confusion_figure(matrix, self.labels, f"{stage} epoch {self.current_epoch}")
-                logger.log_image(key=f"{stage}/confusion_matrix", images=[fig])
-                plt.close(fig)
+                logger.log_image(key=f"{stage}/confusion_matrix", images=[rgba_image(fig)])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Each checkpoint carries the val metrics it was saved with (eval reproduces them)
