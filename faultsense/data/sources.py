@@ -12,6 +12,7 @@ so a new built-in source is one module plus one `configs/data/<kind>.yaml`.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,12 +66,16 @@ def register_source(kind: str) -> Callable[[F], F]:
 
     def register(factory: F) -> F:
         known = _SOURCES.get(kind)
-        if known is not None and known.__qualname__ != factory.__qualname__:
+        if known is not None and _where(known) != _where(factory):  # a reload may re-register
             raise ValueError(f"Data source kind {kind!r} is already registered by {known}.")
         _SOURCES[kind] = factory
         return factory
 
     return register
+
+
+def _where(factory: SourceFactory) -> str:
+    return f"{factory.__module__}.{factory.__qualname__}"
 
 
 def get_source(kind: str) -> SourceFactory:
@@ -84,10 +89,17 @@ def get_source(kind: str) -> SourceFactory:
                 raise  # the module exists but one of its imports is missing
     if kind not in _SOURCES:
         raise ConfigError(
-            f"data.kind={kind!r} is not a data source. Known: {', '.join(sorted(_SOURCES))} "
+            f"data.kind={kind!r} is not a data source. Known: {', '.join(_known_kinds())} "
             "(register one with faultsense.data.sources.register_source)."
         )
     return _SOURCES[kind]
+
+
+def _known_kinds() -> list[str]:
+    """Every kind registered once the package's own modules are imported (error path)."""
+    for module in pkgutil.iter_modules(importlib.import_module(__package__).__path__):
+        importlib.import_module(f"{__package__}.{module.name}")
+    return sorted(_SOURCES)
 
 
 def build_source(kind: str, *, skip_bad: bool, progress: bool, **options: Any) -> DataSource:
