@@ -1,0 +1,299 @@
+"""The app's event handlers, one module-level function per button (and page load).
+
+Each takes the `AppContext` first (bound with `functools.partial` when `serving/app.py`
+wires it) and then the values of its input components, and returns the values of its
+output components in order; the retrain handlers are generators that yield each update.
+They call the server through `ctx.client` and never raise for a server or audio error:
+the message goes into the output (and a toast), so a handler can be called without a
+browser and its outputs checked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from faultsense.errors import FaultSenseError
+from faultsense.figures import confusion_figure
+from faultsense.taxonomy import LABELS
+
+from .client import ServerClient, ServerError
+from .formatting import (
+    comparison_rows,
+    count_rows,
+    decision_markdown,
+    error_md,
+    example_markdown,
+    history_rows,
+    job_markdown,
+    log_tail_text,
+    metrics_md,
+    model_rows,
+    per_label_rows,
+    prediction_markdown,
+    upload_rows,
+    upload_summary,
+)
+from .views import (
+    clip_figure,
+    clip_readings,
+    curves_figure,
+    distribution_figure,
+    find_examples,
+    load_clip,
+    timeline_figure,
+)
+
+TERMINAL_STATES = ("succeeded", "failed")
+
+
+@dataclass(frozen=True)
+class AppContext:
+    """What every handler shares: the server client and the app's settings (app.yaml)."""
+
+    client: ServerClient
+    views: dict[str, Any]  # `views:` display settings (window, bands, reading thresholds)
+    example_dirs: Sequence[str | Path]  # where the example clips are looked up, in order
+    poll_s: float = 1.0  # how often a followed retrain job is polled
+    follow_timeout_s: float = 7200.0  # stop following a job after this long
+
+
+def warn(err: Exception, toast: bool = True) -> str:
+    """`err` as the Markdown that replaces a result, and (with `toast`) a warning toast."""
+    if toast:
+        gr.Warning(str(err))
+    return error_md(str(err))
+
+
+def refuse(message: str) -> str:
+    """A user mistake (nothing chosen): a warning toast and the same text as Markdown."""
+    gr.Warning(message)
+    return error_md(message)
+
+
+# -- Predict ---------------------------------------------------------------------------
+
+
+def predict(ctx: AppContext, audio_path: str | None) -> tuple[Any, ...]:
+    """Clip -> (prediction Markdown, probabilities, clip figure, timeline update)."""
+    hidden = gr.update(value=None, visible=False)
+    if not audio_path:
+        return refuse("Upload or record a clip first."), None, None, hidden
+    try:
+        wave, sr = load_clip(audio_path, float(ctx.views["max_seconds"]))
+        figure = clip_figure(wave, sr, ctx.views, title=Path(audio_path).name)
+    except FaultSenseError as err:
+        return warn(err), None, None, hidden
+    try:
+        result = ctx.client.predict(audio_path)
+    except ServerError as err:
+        return warn(err), None, figure, hidden
+    windows = result.get("windows") or []
+    timeline = (
+        gr.update(value=timeline_figure(windows), visible=True) if len(windows) > 1 else hidden
+    )
+    return prediction_markdown(result), result.get("probabilities") or {}, figure, timeline
+
+
+# -- Upload ----------------------------------------------------------------------------
+
+
+def upload(ctx: AppContext, files: list[str] | None, label: str | None) -> tuple[Any, ...]:
+    """Files + label -> (summary Markdown, per-file rows, uploads-per-label rows)."""
+    if not files:
+        return refuse("Choose one or more audio files to upload."), [], gr.update()
+    if label not in LABELS:
+        message = f"Choose the label of these recordings (one of: {', '.join(LABELS)})."
+        return refuse(message), [], gr.update()
+    try:
+        result = ctx.client.upload(files, label)
+    except ServerError as err:
+        if not (isinstance(err.body, dict) and "results" in err.body):
+            return warn(err), [], gr.update()
+        result = err.body  # every file was rejected: the table says why, per file
+    rows = upload_rows(result)
+    return upload_summary(label, rows), rows, count_rows(result.get("counts"))
+
+
+def upload_counts(ctx: AppContext) -> list[list[Any]]:
+    """Uploads per label on the server (zeros when it cannot be asked)."""
+    try:
+        return count_rows(ctx.client.status().get("uploads"))
+    except ServerError:
+        return count_rows({})
+
+
+# -- Retrain ---------------------------------------------------------------------------
+
+
+def follow(ctx: AppContext, job_id: str) -> Iterator[tuple[Any, ...]]:
+    """Poll a retrain job until it ends (or ctx.follow_timeout_s); yield
+    (job Markdown, decision Markdown, comparison rows, log tail) at each poll."""
+    deadline = time.monotonic() + ctx.follow_timeout_s
+    while True:
+        try:
+            job = ctx.client.retrain_job(job_id)
+        except ServerError as err:
+            yield warn(err), "", [], ""
+            return
+        decision = job.get("decision") or {}
+        yield (
+            job_markdown(job),
+            decision_markdown(decision),
+            comparison_rows(decision) if decision else [],
+            log_tail_text(job),
+        )
+        if job.get("state") in TERMINAL_STATES:
+            return
+        if time.monotonic() > deadline:
+            stopped = f"Stopped following job {job_id}; it is still on the server."
+            yield error_md(stopped), "", [], ""
+            return
+        time.sleep(ctx.poll_s)
+
+
+def retrain(ctx: AppContext, epochs: float | None, force: bool) -> Iterator[tuple[Any, ...]]:
+    """Start a retrain job (0 epochs: the server's default) and follow it; if one is
+    already running, follow that one instead."""
+    try:
+        job_id = ctx.client.start_retrain(int(epochs) if epochs else None, force)["job_id"]
+    except ServerError as err:
+        job_id = err.body.get("job_id") if isinstance(err.body, dict) else None
+        if err.status != 409 or not job_id:
+            yield warn(err), "", [], ""
+            return
+        gr.Info(f"Retraining job {job_id} is already running: following it.")
+    yield from follow(ctx, str(job_id))
+
+
+def follow_latest(ctx: AppContext) -> Iterator[tuple[Any, ...]]:
+    """Follow the server's latest retrain job, whoever started it."""
+    try:
+        job_id = (ctx.client.status().get("retrain") or {}).get("job_id")
+    except ServerError as err:
+        yield warn(err), "", [], ""
+        return
+    if not job_id:
+        yield "No retrain job has run on this server yet.", "", [], ""
+        return
+    yield from follow(ctx, str(job_id))
+
+
+# -- Models ----------------------------------------------------------------------------
+
+
+def models_view(ctx: AppContext, message: str = "", toast: bool = True) -> tuple[Any, ...]:
+    """(status Markdown, version rows, history rows, version dropdown update); `message`
+    replaces the default status line."""
+    try:
+        models = ctx.client.models()
+    except ServerError as err:
+        return warn(err, toast), [], [], gr.update()
+    versions = [v.get("version") for v in models.get("versions", []) if v.get("version")]
+    current = models.get("current")
+    head = message or f"Serving **{current or 'nothing'}** · {len(versions)} version(s) registered."
+    return (
+        head,
+        model_rows(models),
+        history_rows(models),
+        gr.update(choices=versions[::-1], value=current if current in versions else None),
+    )
+
+
+def promote(ctx: AppContext, version: str | None) -> tuple[Any, ...]:
+    """Make `version` current; the Models view after it."""
+    if not version:
+        return models_view(ctx, refuse("Choose a version to promote."))
+    try:
+        current = ctx.client.promote(version).get("current")
+    except ServerError as err:
+        return models_view(ctx, warn(err))
+    gr.Info(f"{current} is now current.")
+    return models_view(ctx, f"Promoted **{current}**: it serves from the next batch.")
+
+
+def rollback(ctx: AppContext) -> tuple[Any, ...]:
+    """Make the previous version current; the Models view after it."""
+    try:
+        current = ctx.client.rollback().get("current")
+    except ServerError as err:
+        return models_view(ctx, warn(err))
+    gr.Info(f"Rolled back to {current}.")
+    return models_view(ctx, f"Rolled back: **{current}** is current.")
+
+
+# -- Insights --------------------------------------------------------------------------
+
+
+def examples_view(ctx: AppContext) -> tuple[list[str], list[Any]]:
+    """One (Markdown, figure) per label for the local example clips; no server needed."""
+    examples = find_examples(ctx.example_dirs)
+    texts: list[str] = []
+    figures: list[Any] = []
+    for label in LABELS:
+        if label not in examples:
+            folders = ", ".join(map(str, ctx.example_dirs))
+            texts.append(f"**{label}**: no example clip in {folders}.")
+            figures.append(None)
+            continue
+        path = examples[label]
+        try:
+            wave, sr = load_clip(path, float(ctx.views["max_seconds"]))
+        except FaultSenseError as err:
+            texts.append(error_md(str(err)))
+            figures.append(None)
+            continue
+        texts.append(example_markdown(label, path.name, clip_readings(wave, sr, ctx.views)))
+        figures.append(clip_figure(wave, sr, ctx.views, mfcc=True, title=f"{label}: {path.name}"))
+    return texts, figures
+
+
+def report_view(status: dict[str, Any], report: dict[str, Any]) -> tuple[Any, ...]:
+    """The current model's report as (notes Markdown, distribution, curves, confusion
+    figures, per-label rows, upload rows); a figure is None when the report lacks it."""
+    model = status.get("model") or {}
+    uploads = status.get("uploads") or report.get("uploads") or {}
+    notes = [f"Current model **{model.get('version', '?')}** · {metrics_md(model.get('metrics'))}"]
+    if not report:
+        notes.append("This server has no /insights route: only upload statistics are shown.")
+    for what, why in (report.get("missing") or {}).items():
+        notes.append(f"No {what.replace('_', ' ')} for this model: {why}.")
+    dataset = report.get("dataset") or {}
+    has_uploads = any(int(n) for n in uploads.values())
+    dist = None
+    if dataset or has_uploads:
+        dist = distribution_figure(dataset, uploads if has_uploads else None)
+    curves = curves_figure(report["curves"]) if report.get("curves") else None
+    confusion = None
+    if report.get("confusion_matrix"):
+        cm = report["confusion_matrix"]
+        title = f"confusion matrix ({cm.get('split', 'test')})"
+        confusion = confusion_figure(cm["matrix"], cm.get("labels") or LABELS, title)
+    per_label = per_label_rows(report["per_label"]) if report.get("per_label") else []
+    return "\n\n".join(notes), dist, curves, confusion, per_label, count_rows(uploads)
+
+
+def insights(ctx: AppContext, toast: bool = True) -> tuple[Any, ...]:
+    """The Insights tab: the report's outputs (`report_view`), then the example texts,
+    then the example figures."""
+    texts, figures = examples_view(ctx)
+    try:
+        status = ctx.client.status()
+        report = ctx.client.insights() or {}
+    except ServerError as err:
+        return warn(err, toast), None, None, None, [], count_rows({}), *texts, *figures
+    return *report_view(status, report), *texts, *figures
+
+
+def on_load(ctx: AppContext) -> tuple[Any, ...]:
+    """Page load: the Models view and the upload counts, with one toast at most when the
+    server is down."""
+    models = models_view(ctx, toast=False)
+    if models[0].startswith("⚠️"):
+        gr.Warning(models[0].strip("⚠️ *"))
+    return (*models, upload_counts(ctx))
