@@ -312,3 +312,49 @@ def test_insights_show_the_current_models_report(app_server, app_url):
     for label, text in zip(LABELS, examples_md, strict=True):
         assert text.startswith(f"**{label}**") and "*log-mel*: energy centred near" in text
     assert all(plot_value(p) is not None for p in out[6 + len(LABELS) :])
+
+
+# -- the client and the handlers, called directly (no app process, no browser) -----------
+
+
+def test_client_tells_a_refusal_from_an_unreachable_server(app_server):
+    from serving.client import ServerClient, ServerError, ServerUnreachable
+
+    with pytest.raises(ServerError) as refused:
+        ServerClient(app_server["url"], api_key="not-the-key").rollback()
+    assert not isinstance(refused.value, ServerUnreachable)  # it answered: a refusal
+    assert refused.value.status == 403
+    assert "refused POST /models/rollback (403)" in str(refused.value)
+    assert "FAULTSENSE_API_KEY" in str(refused.value)
+
+    with pytest.raises(ServerUnreachable, match="is not reachable") as down:
+        ServerClient(closed_port_url()).status()
+    assert down.value.status is None
+
+
+def test_handlers_answer_without_a_browser(app_server):
+    from faultsense.config import plain
+    from serving import handlers
+    from serving.client import ServerClient
+    from tests.fixtures.data import compose_config
+
+    ctx = handlers.AppContext(
+        client=ServerClient(app_server["url"], app_server["api_key"]),
+        views=plain(compose_config("app").views),
+        example_dirs=[],
+    )
+    clip = app_server["clips"]["normal"]
+    message, probabilities, figure, _ = handlers.predict(ctx, str(clip))
+    with open(clip, "rb") as f:
+        direct = httpx.post(f"{app_server['url']}/predict", files={"file": f}, timeout=30).json()
+    assert message.startswith(f"## {direct['label']}")
+    assert probabilities == pytest.approx(direct["probabilities"], abs=1e-6)
+    assert figure is not None
+
+    current = httpx.get(f"{app_server['url']}/status", timeout=10).json()["model"]["version"]
+    status, rows, _, _ = handlers.models_view(ctx, toast=False)
+    assert status.startswith(f"Serving **{current}**")
+    assert [row[1] for row in rows if row[0]] == [current]
+
+    status, rows, _ = handlers.upload(ctx, [str(clip)], None)  # no label chosen
+    assert "Choose the label" in status and rows == []
