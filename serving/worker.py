@@ -82,7 +82,7 @@ class SharedStats:
         with self.device_names.get_lock():
             raw = bytes(self.device_names[:])
         names = [
-            raw[i : i + DEVICE_CHARS].rstrip(b"\0").decode()
+            raw[i : i + DEVICE_CHARS].rstrip(b"\0").decode(errors="replace")
             for i in range(0, len(raw), DEVICE_CHARS)
         ]
         return [name or None for name in names]
