@@ -147,3 +147,12 @@ def test_manifests_and_caches_written_with_the_old_category_field_still_read(tmp
         "id,path,esc50_category,label,fold,source,duration\na,/x.wav,dog,,2,esc50,1.500\n"
     )
     assert manifest.read_manifest(path) == [row]
+
+
+def test_a_null_option_is_left_out_and_only_the_synthetic_kind_generates(tmp_path: Path):
+    base = [f"paths.root_dir={tmp_path}", "data.progress=false"]
+    assert build_datamodule(compose_config("prepare", [*base, "data.synthetic=null"]).data)
+    with pytest.raises(ConfigError, match="data.kind=esc50: .*'synthetic'; remove that key"):
+        build_datamodule(
+            compose_config("prepare", [*base, "+data.synthetic.clips_per_class=2"]).data
+        )

@@ -48,7 +48,8 @@ class FaultDataModule(LightningDataModule):
     int64 [B], categories int64 [B])`.
 
     `kind` names the source (`faultsense.data.sources`); keys of the data config not
-    named here (`source`, `mapping`, `raw_dir`, ...) are `source_options` for it.
+    named here (`source`, `mapping`, `raw_dir`, ...) are `source_options` for it (null
+    ones left out).
     After `prepare_data()` + `setup()`: `labels`, `categories` (the source categories in
     the data, sorted; what a category index points at), `sample_rate`, `clip_samples`,
     `class_counts` (train, fault-labeled clips), `class_weights` (inverse frequency, mean 1
@@ -94,7 +95,9 @@ class FaultDataModule(LightningDataModule):
         )
         self.skip_bad = bool(skip_bad)
         self.progress = progress
-        options = {key: plain(value) for key, value in source_options.items()}
+        # A null option is left out (the source's default): every data config can then
+        # share keys such as `synthetic: null` that only some sources take.
+        options = {k: plain(v) for k, v in source_options.items() if v is not None}
         self.data_source: DataSource = build_source(
             self.kind, skip_bad=self.skip_bad, progress=progress, **options
         )

@@ -4,7 +4,7 @@ labeled manifest rows, and `data.kind` picks the source by name.
 A source is a class (or any callable) registered with `@register_source("<kind>")`. The
 DataModule builds it as `factory(skip_bad=..., progress=..., **options)`, where
 `options` are the data config's keys that the DataModule does not use itself (e.g.
-`source`, `raw_dir`, `mapping`); then it calls `rows(create=...)`. A kind not registered
+`source`, `raw_dir`, `mapping`), null ones left out; then it calls `rows(create=...)`. A kind not registered
 yet is looked up as the module `faultsense.data.<kind>`, which registers it on import,
 so a new built-in source is one module plus one `configs/data/<kind>.yaml`.
 """
