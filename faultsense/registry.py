@@ -476,18 +476,3 @@ class Registry:
         except (TypeError, ValueError) as err:
             raise RegistryError(f"Bundle metadata cannot be written as JSON: {err}") from None
         atomic_write(path, text)
-
-
-def __getattr__(name: str) -> Any:
-    # TRANSITIONAL (issue 12): tests/fixtures/registry.py and tests/test_models.py still
-    # import these from here. Delete this function once they import
-    # `faultsense.train.register_run` and `faultsense.export.export_checkpoint`.
-    if name == "export_checkpoint":
-        from .export import export_checkpoint
-
-        return export_checkpoint
-    if name == "register_from_training":
-        from .train import register_run
-
-        return register_run
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -278,7 +278,7 @@ def test_missing_pretrained_encoder_says_how_to_pass_a_local_dir(tmp_path, monke
 def test_aux_category_head_trains_with_the_net_and_stays_out_of_the_bundle(
     tmp_path, synthetic_datamodule
 ):
-    from faultsense.registry import export_checkpoint
+    from faultsense.export import export_checkpoint
 
     dm = synthetic_datamodule
     spec = cnn_spec()
