@@ -23,11 +23,12 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from ..config import plain
 from ..errors import ConfigError
 from ..figures import confusion_figure, rgba_image
 from ..taxonomy import LABELS, NUM_LABELS
 from .frontend import WaveAugment, mixup
-from .net import BACKBONES, FaultNet, Head, build_net, plain  # noqa: F401  (re-exported)
+from .net import BACKBONES, FaultNet, Head, build_net  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 

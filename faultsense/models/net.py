@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import plain
 from ..errors import ConfigError
 from .frontend import Frontend, build_frontend
 
@@ -34,19 +35,6 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "faultsense.models.cnn.FaultCNN": _cnn,
     "faultsense.models.wav2vec2.Wav2Vec2Backbone": _wav2vec2,
 }
-
-
-def plain(value: Any) -> Any:
-    """A DictConfig/ListConfig/tuple tree as plain dicts, lists and primitives (resolved)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    return value
 
 
 class Head(nn.Module):
