@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from . import CONFIG_DIR
 from .config import run_cli
-from .data.esc50 import AUX_ONLY
+from .data.manifest import AUX_ONLY
 
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
         "manifest": str(dm.manifest_path),
         "caches": [str(c.path) for c in dm.caches],
         "fingerprint": dm.fingerprint,
-        "mapping_unmapped": dm.mapping["unmapped"],
+        "mapping_unmapped": (dm.mapping or {}).get("unmapped"),
         "seconds": time.perf_counter() - start,
     }
 
