@@ -36,6 +36,7 @@ class TrainingRecord:
     data_fingerprint: str | None = None
     mapping: dict[str, Any] | None = None  # the source's category -> label mapping
     config: dict[str, Any] = field(default_factory=dict)  # the resolved run config
+    training_log: dict[str, str] | None = None  # {run_dir, metrics_csv}: the run's curves
 
 
 def export_checkpoint(ckpt_path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
@@ -113,6 +114,8 @@ def register_from_training(
     meta["data_fingerprint"] = record.data_fingerprint
     meta["mapping"] = record.mapping
     meta["config"] = record.config
+    if record.training_log:
+        meta["training_log"] = record.training_log
     registry = Registry(registry_dir)
     promote = promote or registry.current_version() is None
     version = registry.register(

@@ -27,7 +27,7 @@ from .config import instantiate, plain, resolved_config, run_cli, utc_now
 from .errors import ConfigError, FaultSenseError, ModelError
 from .registry import Bundle, Registry, fault_point
 from .retrain_job import JobStatus
-from .train import finish_wandb_run, loggers_and_callbacks
+from .train import curves_log, finish_wandb_run, loggers_and_callbacks
 from .wandb_artifact import log_bundle_artifact
 
 log = logging.getLogger(__name__)
@@ -240,14 +240,19 @@ def fine_tune(
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None else ""
     if best:
-        return export_checkpoint(best)
-    meta = {
-        "net_spec": model.net_spec(),
-        "labels": parent.labels,
-        "sample_rate": parent.sample_rate,
-        "clip_samples": parent.clip_samples,
-    }
-    return model.net.eval(), meta
+        net, meta = export_checkpoint(best)
+    else:
+        net, meta = (
+            model.net.eval(),
+            {
+                "net_spec": model.net_spec(),
+                "labels": parent.labels,
+                "sample_rate": parent.sample_rate,
+                "clip_samples": parent.clip_samples,
+            },
+        )
+    meta["training_log"] = curves_log(trainer, cfg.paths.output_dir)
+    return net, meta
 
 
 def _classifier(cfg: DictConfig, parent: Bundle, datamodule: Any) -> Any:

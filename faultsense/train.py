@@ -73,15 +73,33 @@ def finish_wandb_run() -> None:
 
 
 def loggers_and_callbacks(cfg: DictConfig) -> tuple[list[Any], list[Any]]:
-    """The configured loggers and callbacks, built; without a logger, no LearningRateMonitor
-    (it refuses to run without one)."""
-    loggers = instantiate_all(cfg.get("logger"))
-    callbacks = instantiate_all(cfg.get("callbacks"))
-    if not loggers:
-        from lightning.pytorch.callbacks import LearningRateMonitor
+    """The configured loggers plus the run's curves log, and the configured callbacks."""
+    loggers = with_curves_log(instantiate_all(cfg.get("logger")), cfg.paths.output_dir)
+    return loggers, instantiate_all(cfg.get("callbacks"))
 
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    return loggers, callbacks
+
+def with_curves_log(loggers: list[Any], output_dir: str | os.PathLike[str]) -> list[Any]:
+    """`loggers` plus Lightning's CSVLogger at `<output_dir>/csv` unless one is there: the
+    per-epoch metrics in one plain file whatever else logs them (W&B keeps its own run
+    files), so Insights can draw every registered model's curves."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    if any(isinstance(logger, CSVLogger) for logger in loggers):
+        return loggers
+    return [*loggers, CSVLogger(save_dir=str(output_dir), name="csv")]
+
+
+def curves_log(trainer: L.Trainer, output_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """Where a fitted run left its curves: `{run_dir, metrics_csv}` (the first CSVLogger's
+    file) for the bundle, so Insights finds them without guessing from the config."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    record = {"run_dir": str(Path(output_dir).resolve())}
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            record["metrics_csv"] = str((Path(logger.log_dir) / "metrics.csv").resolve())
+            break
+    return record
 
 
 def _hydra_job_info() -> dict[str, Any]:
@@ -119,7 +137,13 @@ def train(cfg: DictConfig) -> TrainResult:
             _test_best(cfg, trainer, model, datamodule, result)
         if trainer.is_global_zero:
             if cfg.get("register") and result.best_ckpt_path:
-                result.version = register_run(result.best_ckpt_path, datamodule, cfg, result)
+                result.version = register_run(
+                    result.best_ckpt_path,
+                    datamodule,
+                    cfg,
+                    result,
+                    training_log=curves_log(trainer, output_dir),
+                )
                 log.info("registered %s as %s", result.best_ckpt_path, result.version)
             _write_summary(output_dir / "metrics.json", cfg, result, datamodule, model, timing)
     finally:
@@ -189,8 +213,11 @@ def register_run(
     datamodule: Any,
     cfg: DictConfig,
     metrics: Mapping[str, Any],
+    *,
+    training_log: Mapping[str, str] | None = None,
 ) -> str:
     """Register a run's best checkpoint: the config is read here, once, into plain values.
+    `training_log` (from `curves_log`) tells the bundle where the run's curves are.
 
     `paths.registry_dir` is the registry; `promote` (default true: `make train` should
     make the fresh model the one served; the first version always is) and `export.onnx`
@@ -204,6 +231,7 @@ def register_run(
         data_fingerprint=getattr(datamodule, "fingerprint", None),
         mapping=plain(getattr(datamodule, "mapping", None)),
         config=resolved_config(cfg),
+        training_log=dict(training_log) if training_log else None,
     )
     promote = cfg.get("promote")
     return register_from_training(

@@ -163,7 +163,7 @@ def insights_tab(ctx: AppContext) -> list[Any]:
     status = gr.Markdown(elem_id="insights-status")
     refresh_btn = gr.Button("Refresh")
     distribution = gr.Plot(label="Class distribution")
-    curves = gr.Plot(label="Training curves of the current model")
+    curves = gr.Plot(label="Training curves of the current model", elem_id="insights-curves")
     with gr.Row():
         confusion = gr.Plot(label="Confusion matrix")
         with gr.Column():

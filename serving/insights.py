@@ -5,11 +5,13 @@ own resolved config (trusted: it was written by the registry, never by a request
 
 - class distribution per split: the data manifest (`config.data.manifest_path`), split by
   `config.data.val_fold` / `test_fold` (uploads, fold 0, join train);
-- training curves: the run's CSV log (`<paths.output_dir>/csv/version_*/metrics.csv`);
+- training curves: the CSV log every run keeps beside its chosen logger, at the path the
+  bundle records (`training_log.metrics_csv`; bundles from before that record: the last
+  `<paths.output_dir>/csv/version_*/metrics.csv`);
 - confusion matrices: the run's `metrics.json` (`confusion: {val, test}`).
 
-Missing pieces (e.g. a run trained with `logger=wandb` has no CSV log) are left out, not
-errors; `missing` lists them with the reason so the UI can say so.
+Missing pieces (a run folder deleted or on another machine) are left out, not errors;
+`missing` lists them with the reason so the UI can say so.
 """
 
 from __future__ import annotations
@@ -50,13 +52,22 @@ def class_distribution(manifest: Path, val_fold: Any, test_fold: Any) -> dict[st
     return {k: v for k, v in splits.items() if v}
 
 
-def training_curves(run_dir: Path) -> dict[str, list[list[float]]]:
-    """{metric: [[epoch, value], ...]} from the run's Lightning CSV log (last version)."""
-    logs = sorted(run_dir.glob("csv/version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if not logs:
-        return {}
+def curves_file(meta: Mapping[str, Any]) -> Path | None:
+    """The bundle's recorded curves log, else the newest CSV log under its run folder."""
+    recorded = _get(meta, "training_log.metrics_csv")
+    if recorded:
+        return Path(recorded)
+    run_dir = _get(meta, "config.paths.output_dir")
+    if not run_dir:
+        return None
+    logs = sorted(Path(run_dir).glob("csv/version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    return logs[-1] if logs else None
+
+
+def training_curves(metrics_csv: Path) -> dict[str, list[list[float]]]:
+    """{metric: [[epoch, value], ...]} from a Lightning CSV log (metrics.csv)."""
     curves: dict[str, dict[int, float]] = {}
-    with open(logs[-1], newline="") as f:
+    with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
             epoch = row.get("epoch")
             if not epoch:
@@ -67,8 +78,13 @@ def training_curves(run_dir: Path) -> dict[str, list[list[float]]]:
                     number = float(value)
                     if math.isfinite(number):
                         curves.setdefault(name, {})[int(float(epoch))] = number
+    # After fit, training re-validates (and tests) the best checkpoint at epoch = the
+    # number of epochs: that is the kept model's score, not one more training epoch.
+    last = max(curves.get("train/loss", {}), default=None)
     return {
-        name: [[float(e), v] for e, v in sorted(points.items())][-MAX_CURVE_POINTS:]
+        name: [[float(e), v] for e, v in sorted(points.items()) if last is None or e <= last][
+            -MAX_CURVE_POINTS:
+        ]
         for name, points in curves.items()
     }
 
@@ -102,13 +118,14 @@ def training_report(meta: Mapping[str, Any]) -> dict[str, Any]:
     else:
         missing["dataset"] = f"no data manifest at {manifest}"
 
-    run_dir = _get(config, "paths.output_dir")
+    run_dir = _get(meta, "training_log.run_dir") or _get(config, "paths.output_dir")
     run = Path(run_dir) if run_dir else None
-    curves = training_curves(run) if run and run.is_dir() else {}
+    log_file = curves_file(meta)
+    curves = training_curves(log_file) if log_file and log_file.is_file() else {}
     if curves:
         report["curves"] = curves
     else:
-        missing["curves"] = f"no CSV training log under {run_dir} (train with logger=csv)"
+        missing["curves"] = f"no training log at {log_file or run_dir} (deleted or moved?)"
 
     summary: dict[str, Any] = {}
     if run and (run / "metrics.json").is_file():

@@ -108,6 +108,10 @@ def test_browser_predicts_an_uploaded_clip_and_shows_every_tab(app_server, page,
                 page.locator("#insights-status").filter(has_text="Current model").wait_for()
                 page.get_by_text("One example per label").wait_for()
                 page.get_by_text("energy centred near").first.wait_for()
+                # The model was trained with logger=none: its curves still show (issue 17).
+                page.locator("#insights-curves img").wait_for()
+                notes = page.locator("#insights-status").inner_text()
+                assert "No curves" not in notes, notes
             page.screenshot(path=SCREENSHOTS / f"{tab.lower()}.png", full_page=True)
 
     for name in ("predict", "upload", "retrain", "models", "insights"):
