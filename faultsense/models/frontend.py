@@ -79,27 +79,20 @@ class LogMel(nn.Module):
 
 
 class MFCC(nn.Module):
-    """Waveform [B, T] -> MFCC [B, 1, n_mfcc, frames] (DCT of the dB log-mel), per-clip normalized."""
+    """Waveform [B, T] -> MFCC [B, 1, n_mfcc, frames] (DCT of the dB log-mel), per-clip normalized.
+
+    `logmel` are LogMel's other options (n_mels=64, n_fft, win_ms, hop_ms, f_min, f_max,
+    top_db); the log-mel itself is left unnormalized, the MFCCs are normalized.
+    """
 
     def __init__(
-        self,
-        sample_rate: int = 16_000,
-        n_mfcc: int = 40,
-        n_mels: int = 64,
-        n_fft: int = 512,
-        win_ms: float | None = None,
-        hop_ms: float = 20.0,
-        f_min: float = 20.0,
-        f_max: float | None = None,
-        normalize: bool = True,
-        top_db: float | None = None,
+        self, sample_rate: int = 16_000, n_mfcc: int = 40, normalize: bool = True, **logmel: Any
     ) -> None:
         super().__init__()
+        n_mels = int(logmel.setdefault("n_mels", 64))
         if n_mfcc > n_mels:
             raise ConfigError(f"model.net.frontend.n_mfcc={n_mfcc} exceeds n_mels={n_mels}.")
-        self.logmel = LogMel(
-            sample_rate, n_mels, n_fft, win_ms, hop_ms, f_min, f_max, False, top_db
-        )
+        self.logmel = LogMel(sample_rate, **logmel, normalize=False)
         self.normalize = normalize
         dct = torchaudio.functional.create_dct(n_mfcc, n_mels, norm="ortho")  # [n_mels, n_mfcc]
         self.register_buffer("dct", dct, persistent=False)
