@@ -23,10 +23,9 @@ from omegaconf import DictConfig
 
 from faultsense import CONFIG_DIR
 from faultsense.config import plain, run_cli
-from faultsense.taxonomy import LABELS
 
 from . import handlers
-from .client import ServerClient
+from .client import ServerClient, ServerError
 from .formatting import MODEL_HEADERS, count_rows
 from .handlers import AppContext
 from .views import find_examples
@@ -38,22 +37,36 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 log = logging.getLogger(__name__)
 
 
-def app_context(cfg: DictConfig) -> AppContext:
-    """The client and settings every handler shares, from configs/app.yaml."""
+def app_context(cfg: DictConfig, labels: list[str]) -> AppContext:
+    """The client and settings every handler shares, from configs/app.yaml; `labels` (the
+    served model's when the app starts) size the Insights example rows."""
     client = ServerClient(
         str(cfg.server_url), cfg.get("api_key") or None, float(cfg.request_timeout_s)
     )
     example_dirs = [d for d in (cfg.get("examples_dir"), cfg.get("fallback_examples_dir")) if d]
+    # Gradio fixes the number of rows when the page is built; each page load fills them.
+    slots = int(cfg.get("example_slots") or 0) or len(labels) or len(find_examples(example_dirs))
     return AppContext(
         client=client,
         views=plain(cfg.views),
         example_dirs=[str(d) for d in example_dirs],
         poll_s=float(cfg.retrain.poll_s),
         follow_timeout_s=float(cfg.retrain.follow_timeout_s),
+        example_slots=slots,
     )
 
 
-def predict_tab(ctx: AppContext) -> None:
+def starting_labels(cfg: DictConfig) -> list[str]:
+    """The served model's labels as the app starts ([] when the server does not answer).
+    They fill the first page's choices only: every page load asks again."""
+    client = ServerClient(str(cfg.server_url), None, float(cfg.request_timeout_s))
+    try:
+        return handlers.model_labels(client.status())
+    except ServerError:
+        return []
+
+
+def predict_tab(ctx: AppContext, labels: list[str]) -> None:
     with gr.Row():
         with gr.Column(scale=1):
             audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Recording")
@@ -63,13 +76,13 @@ def predict_tab(ctx: AppContext) -> None:
                 "Upload or record a clip, then press **Predict**.", elem_id="prediction"
             )
             probabilities = gr.Label(
-                num_top_classes=len(LABELS), label="Probabilities", elem_id="probabilities"
+                num_top_classes=None, label="Probabilities", elem_id="probabilities"
             )
     clip_plot = gr.Plot(label="Waveform and log-mel spectrogram", elem_id="clip-plot")
     timeline_plot = gr.Plot(
         label="Timeline (long recordings)", visible=False, elem_id="timeline-plot"
     )
-    examples = find_examples(ctx.example_dirs)
+    examples = find_examples(ctx.example_dirs, labels or None)
     if examples:
         gr.Examples([[str(p)] for p in examples.values()], inputs=[audio], label="Example clips")
     predict_btn.click(
@@ -80,15 +93,22 @@ def predict_tab(ctx: AppContext) -> None:
     )
 
 
-def upload_tab(ctx: AppContext) -> gr.Dataframe:
-    """The Upload tab; returns its uploads-per-label table (filled on page load)."""
+def upload_tab(ctx: AppContext, labels: list[str]) -> tuple[gr.Dataframe, gr.Dropdown]:
+    """The Upload tab; returns its uploads-per-label table and its label dropdown (both
+    filled with the served model's labels on page load)."""
     gr.Markdown("Add labeled recordings; they join the training split at the next retrain.")
     with gr.Row():
         files = gr.File(
             file_count="multiple", type="filepath", label="Recordings", elem_id="upload-files"
         )
         with gr.Column():
-            label = gr.Dropdown(list(LABELS), label="Label of all these files", value=None)
+            # The server checks the label against the model it serves at upload time (a
+            # hot promote can change the labels): any value reaches it, and a refusal
+            # names the labels it knows.
+            label = gr.Dropdown(
+                labels, label="Label of all these files", value=None, allow_custom_value=True,
+                elem_id="upload-label",
+            )  # fmt: skip
             upload_btn = gr.Button("Upload", variant="primary", elem_id="upload-button")
     status = gr.Markdown(elem_id="upload-status")
     table = gr.Dataframe(
@@ -101,7 +121,7 @@ def upload_tab(ctx: AppContext) -> gr.Dataframe:
     upload_btn.click(
         partial(handlers.upload, ctx), [files, label], [status, table, counts], api_name="upload"
     )
-    return counts
+    return counts, label
 
 
 def retrain_tab(ctx: AppContext, default_epochs: int) -> None:
@@ -158,8 +178,9 @@ def models_tab(ctx: AppContext) -> list[Any]:
     return outputs
 
 
-def insights_tab(ctx: AppContext) -> list[Any]:
-    """The Insights tab; returns its outputs in `handlers.insights` order."""
+def insights_tab(ctx: AppContext) -> tuple[list[Any], list[Any], list[Any]]:
+    """The Insights tab; returns its outputs in `handlers.insights` order, the example
+    texts and their rows (shown when filled)."""
     status = gr.Markdown(elem_id="insights-status")
     refresh_btn = gr.Button("Refresh")
     distribution = gr.Plot(label="Class distribution")
@@ -176,39 +197,43 @@ def insights_tab(ctx: AppContext) -> list[Any]:
                 label="Upload statistics", interactive=False,
             )  # fmt: skip
     gr.Markdown("### One example per label")
-    texts, plots = [], []
-    for label in LABELS:
-        with gr.Row():
-            texts.append(gr.Markdown(f"**{label}**"))
-            plots.append(gr.Plot(label=f"{label}: waveform, log-mel, MFCC", show_label=False))
+    texts, plots, rows = [], [], []
+    for _ in range(ctx.example_slots):  # filled (and shown) per model label on each load
+        with gr.Row(visible=False) as row:
+            texts.append(gr.Markdown())
+            plots.append(gr.Plot(label="waveform, log-mel, MFCC", show_label=False))
+        rows.append(row)
     outputs = [status, distribution, curves, confusion, per_label, uploads, *texts, *plots]
-    refresh_btn.click(partial(handlers.insights, ctx), None, outputs, api_name="insights")
-    return outputs
+    refreshed = refresh_btn.click(
+        partial(handlers.insights, ctx), None, outputs, api_name="insights"
+    )
+    refreshed.then(handlers.shown_slots, texts, rows, api_visibility="private")
+    return outputs, texts, rows
 
 
 def build_app(cfg: DictConfig) -> gr.Blocks:
-    """The Gradio Blocks app for `cfg` (configs/app.yaml); `launch_app` serves it."""
-    ctx = app_context(cfg)
+    """The Gradio Blocks app for `cfg` (configs/app.yaml); `launch_app` serves it. The
+    model's labels are asked from the server on every page load, never fixed here."""
+    labels = starting_labels(cfg)
+    ctx = app_context(cfg, labels)
     with gr.Blocks(title=str(cfg.title), analytics_enabled=False) as app:
-        gr.Markdown(
-            f"# {cfg.title}\nEquipment sound → fault class "
-            f"({', '.join(LABELS)}). Server: `{ctx.client.url}`"
-        )
+        gr.Markdown(f"# {cfg.title}\nEquipment sound → fault class. Server: `{ctx.client.url}`")
+        labels_line = gr.Markdown(elem_id="model-labels")
         with gr.Tabs():
             with gr.Tab("Predict", id="predict"):
-                predict_tab(ctx)
+                predict_tab(ctx, labels)
             with gr.Tab("Upload", id="upload"):
-                counts_table = upload_tab(ctx)
+                counts_table, label_choice = upload_tab(ctx, labels)
             with gr.Tab("Retrain", id="retrain"):
                 retrain_tab(ctx, cfg.retrain.get("default_epochs") or 0)
             with gr.Tab("Models", id="models"):
                 models_outputs = models_tab(ctx)
             with gr.Tab("Insights", id="insights"):
-                insights_outputs = insights_tab(ctx)
+                insights_outputs, example_texts, example_rows = insights_tab(ctx)
         app.load(
             partial(handlers.on_load, ctx),
             None,
-            [*models_outputs, counts_table],
+            [*models_outputs, counts_table, labels_line, label_choice],
             api_visibility="private",
         )
         # Separate, so the slower Insights figures never hold up the other tabs.
@@ -217,7 +242,7 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
             None,
             insights_outputs,
             api_visibility="private",
-        )
+        ).then(handlers.shown_slots, example_texts, example_rows, api_visibility="private")
     return app
 
 

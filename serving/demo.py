@@ -26,7 +26,6 @@ from omegaconf import DictConfig
 from faultsense import CONFIG_DIR
 from faultsense.config import plain, run_cli
 from faultsense.errors import ConfigError
-from faultsense.taxonomy import LABELS
 from serving.process import stop_group
 
 
@@ -80,7 +79,7 @@ def write_examples(train_cfg: DictConfig, folder: Path, seed: int, seconds: floa
 
     classes = train_cfg.data.mapping.classes
     rng = np.random.default_rng(seed)
-    for label in LABELS:
+    for label in classes:  # the labels the demo model is trained on
         category = next((c for c in synthetic.CATEGORIES if c in classes[label]), None)
         if category is None:
             continue

@@ -3,10 +3,8 @@ predictions, jobs and gate decisions, and the rows of every Dataframe."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
-
-from faultsense.taxonomy import LABELS
 
 HEADLINE_METRICS = (
     ("val/f1_macro", "val F1"),
@@ -72,10 +70,22 @@ def upload_rows(result: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
-def count_rows(counts: Mapping[str, Any] | None) -> list[list[Any]]:
-    """[label, count] rows for every label, 0 where `counts` has none."""
+def ordered_labels(labels: Sequence[str] | None, *found: Mapping[str, Any] | None) -> list[str]:
+    """`labels` (the model's, in its order), then any other key of the `found` mappings in
+    the order they appear: every label a view has something for, none assumed."""
+    out = list(labels or [])
+    for mapping in found:
+        out += [k for k in (mapping or {}) if k not in out]
+    return out
+
+
+def count_rows(
+    counts: Mapping[str, Any] | None, labels: Sequence[str] | None = None
+) -> list[list[Any]]:
+    """[label, count] rows: every one of `labels` (0 where `counts` has none), then the
+    other labels `counts` has."""
     counts = counts or {}
-    return [[label, int(counts.get(label, 0))] for label in LABELS]
+    return [[label, int(counts.get(label, 0))] for label in ordered_labels(labels, counts)]
 
 
 def model_rows(models: Mapping[str, Any]) -> list[list[Any]]:
@@ -151,8 +161,10 @@ def decision_markdown(decision: Mapping[str, Any] | None) -> str:
     return f"{head}: {decision.get('reason', '')}"
 
 
-def per_label_rows(per_label: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
-    """[label, precision, recall, F1, support] rows, one per label."""
+def per_label_rows(
+    per_label: Mapping[str, Mapping[str, Any]], labels: Sequence[str] | None = None
+) -> list[list[str]]:
+    """[label, precision, recall, F1, support] rows, one per label (`labels` first)."""
     return [
         [
             label,
@@ -161,7 +173,7 @@ def per_label_rows(per_label: Mapping[str, Mapping[str, Any]]) -> list[list[str]
                 for k in ("precision", "recall", "f1", "support")
             ),
         ]
-        for label in LABELS
+        for label in ordered_labels(labels, per_label)
     ]
 
 
@@ -187,3 +199,10 @@ def example_markdown(label: str, name: str, reading: Mapping[str, str]) -> str:
         f"- *waveform*: {reading['waveform']}\n- *log-mel*: {reading['logmel']}\n"
         f"- *MFCC*: {reading['mfcc']}"
     )
+
+
+def labels_markdown(version: str | None, labels: Sequence[str]) -> str:
+    """The line naming what the served model tells apart."""
+    if not labels:
+        return "Labels: unknown until the server answers (refresh the page)."
+    return f"Model **{version or '?'}** tells apart: " + ", ".join(f"`{x}`" for x in labels)

@@ -20,7 +20,6 @@ import gradio as gr
 
 from faultsense.errors import FaultSenseError
 from faultsense.figures import confusion_figure
-from faultsense.taxonomy import LABELS
 
 from .client import ServerClient, ServerError
 from .formatting import (
@@ -31,6 +30,7 @@ from .formatting import (
     example_markdown,
     history_rows,
     job_markdown,
+    labels_markdown,
     log_tail_text,
     metrics_md,
     model_rows,
@@ -61,6 +61,22 @@ class AppContext:
     example_dirs: Sequence[str | Path]  # where the example clips are looked up, in order
     poll_s: float = 1.0  # how often a followed retrain job is polled
     follow_timeout_s: float = 7200.0  # stop following a job after this long
+    # Example rows the Insights tab has (fixed when the page is built); 0 = one per label.
+    example_slots: int = 0
+
+
+def model_labels(status: dict[str, Any]) -> list[str]:
+    """The current model's labels from a /status answer ([] when it has none)."""
+    return [str(label) for label in (status.get("model") or {}).get("labels") or []]
+
+
+def current_labels(ctx: AppContext) -> list[str]:
+    """The labels of the model the server serves now ([] when it cannot be asked): asked
+    per request, so a hot promote of a model with other labels shows at the next call."""
+    try:
+        return model_labels(ctx.client.status())
+    except ServerError:
+        return []
 
 
 def warn(err: Exception, toast: bool = True) -> str:
@@ -107,9 +123,9 @@ def upload(ctx: AppContext, files: list[str] | None, label: str | None) -> tuple
     """Files + label -> (summary Markdown, per-file rows, uploads-per-label rows)."""
     if not files:
         return refuse("Choose one or more audio files to upload."), [], gr.update()
-    if label not in LABELS:
-        message = f"Choose the label of these recordings (one of: {', '.join(LABELS)})."
-        return refuse(message), [], gr.update()
+    if not label:
+        known = ", ".join(current_labels(ctx)) or "the server's model is not reachable"
+        return refuse(f"Choose the label of these recordings (one of: {known})."), [], gr.update()
     try:
         result = ctx.client.upload(files, label)
     except ServerError as err:
@@ -118,14 +134,6 @@ def upload(ctx: AppContext, files: list[str] | None, label: str | None) -> tuple
         result = err.body  # every file was rejected: the table says why, per file
     rows = upload_rows(result)
     return upload_summary(label, rows), rows, count_rows(result.get("counts"))
-
-
-def upload_counts(ctx: AppContext) -> list[list[Any]]:
-    """Uploads per label on the server (zeros when it cannot be asked)."""
-    try:
-        return count_rows(ctx.client.status().get("uploads"))
-    except ServerError:
-        return count_rows({})
 
 
 # -- Retrain ---------------------------------------------------------------------------
@@ -230,33 +238,46 @@ def rollback(ctx: AppContext) -> tuple[Any, ...]:
 # -- Insights --------------------------------------------------------------------------
 
 
-def examples_view(ctx: AppContext) -> tuple[list[str], list[Any]]:
-    """One (Markdown, figure) per label for the local example clips; no server needed."""
-    examples = find_examples(ctx.example_dirs)
+def examples_view(ctx: AppContext, labels: Sequence[str] | None) -> tuple[list[str], list[Any]]:
+    """One (Markdown, figure) per label of `labels` (None: every label folder found) for
+    the local example clips, padded with ("", None) to `ctx.example_slots`; no server."""
+    examples = find_examples(ctx.example_dirs, labels)
+    names = list(examples) if labels is None else list(labels)
+    slots = ctx.example_slots or len(names)
     texts: list[str] = []
     figures: list[Any] = []
-    for label in LABELS:
-        if label not in examples:
-            folders = ", ".join(map(str, ctx.example_dirs))
-            texts.append(f"**{label}**: no example clip in {folders}.")
-            figures.append(None)
-            continue
-        path = examples[label]
-        try:
-            wave, sr = load_clip(path, float(ctx.views["max_seconds"]))
-        except FaultSenseError as err:
-            texts.append(error_md(str(err)))
-            figures.append(None)
-            continue
-        texts.append(example_markdown(label, path.name, clip_readings(wave, sr, ctx.views)))
-        figures.append(clip_figure(wave, sr, ctx.views, mfcc=True, title=f"{label}: {path.name}"))
-    return texts, figures
+    for label in names[:slots]:
+        text, figure = example_view(ctx, label, examples.get(label))
+        texts.append(text)
+        figures.append(figure)
+    if len(names) > slots:
+        texts[-1] += (
+            f"\n\n*{len(names) - slots} more label(s) have no example row "
+            f"({', '.join(names[slots:])}): restart the app to add rows.*"
+        )
+    pad = slots - len(texts)
+    return texts + [""] * pad, figures + [None] * pad
+
+
+def example_view(ctx: AppContext, label: str, path: Path | None) -> tuple[str, Any]:
+    """The Markdown reading and the figure of one label's example clip (or why there is none)."""
+    if path is None:
+        folders = ", ".join(map(str, ctx.example_dirs)) or "no example folder"
+        return f"**{label}**: no example clip in {folders}.", None
+    try:
+        wave, sr = load_clip(path, float(ctx.views["max_seconds"]))
+    except FaultSenseError as err:
+        return error_md(str(err)), None
+    text = example_markdown(label, path.name, clip_readings(wave, sr, ctx.views))
+    return text, clip_figure(wave, sr, ctx.views, mfcc=True, title=f"{label}: {path.name}")
 
 
 def report_view(status: dict[str, Any], report: dict[str, Any]) -> tuple[Any, ...]:
     """The current model's report as (notes Markdown, distribution, curves, confusion
-    figures, per-label rows, upload rows); a figure is None when the report lacks it."""
+    figures, per-label rows, upload rows), over the model's labels; a figure is None when
+    the report lacks it."""
     model = status.get("model") or {}
+    labels = model_labels(status)
     uploads = status.get("uploads") or report.get("uploads") or {}
     notes = [f"Current model **{model.get('version', '?')}** · {metrics_md(model.get('metrics'))}"]
     if not report:
@@ -267,33 +288,57 @@ def report_view(status: dict[str, Any], report: dict[str, Any]) -> tuple[Any, ..
     has_uploads = any(int(n) for n in uploads.values())
     dist = None
     if dataset or has_uploads:
-        dist = distribution_figure(dataset, uploads if has_uploads else None)
+        dist = distribution_figure(dataset, uploads if has_uploads else None, labels)
     curves = curves_figure(report["curves"]) if report.get("curves") else None
     confusion = None
     if report.get("confusion_matrix"):
         cm = report["confusion_matrix"]
         title = f"confusion matrix ({cm.get('split', 'test')})"
-        confusion = confusion_figure(cm["matrix"], cm.get("labels") or LABELS, title)
-    per_label = per_label_rows(report["per_label"]) if report.get("per_label") else []
-    return "\n\n".join(notes), dist, curves, confusion, per_label, count_rows(uploads)
+        confusion = confusion_figure(cm["matrix"], cm.get("labels") or labels, title)
+    per_label = per_label_rows(report["per_label"], labels) if report.get("per_label") else []
+    return "\n\n".join(notes), dist, curves, confusion, per_label, count_rows(uploads, labels)
 
 
 def insights(ctx: AppContext, toast: bool = True) -> tuple[Any, ...]:
     """The Insights tab: the report's outputs (`report_view`), then the example texts,
-    then the example figures."""
-    texts, figures = examples_view(ctx)
+    then the example figures, for the labels of the model served now."""
     try:
         status = ctx.client.status()
         report = ctx.client.insights() or {}
     except ServerError as err:
+        texts, figures = examples_view(ctx, None)
         return warn(err, toast), None, None, None, [], count_rows({}), *texts, *figures
+    texts, figures = examples_view(ctx, model_labels(status))
     return *report_view(status, report), *texts, *figures
 
 
+def shown_slots(*texts: str) -> list[Any]:
+    """Visibility of each example row: shown when its slot has a text."""
+    return [gr.update(visible=bool(text)) for text in texts]
+
+
+def status_view(status: dict[str, Any] | None) -> tuple[Any, ...]:
+    """(upload count rows, labels Markdown, label dropdown update) from a /status answer
+    (None: the server did not answer): the served model's labels, as asked now."""
+    if status is None:
+        return count_rows({}), labels_markdown(None, []), gr.update()
+    labels = model_labels(status)
+    version = (status.get("model") or {}).get("version")
+    return (
+        count_rows(status.get("uploads"), labels),
+        labels_markdown(version, labels),
+        gr.update(choices=labels, value=None),
+    )
+
+
 def on_load(ctx: AppContext) -> tuple[Any, ...]:
-    """Page load: the Models view and the upload counts, with one toast at most when the
-    server is down."""
+    """Page load: the Models view, the upload counts and the current model's labels (line
+    and upload dropdown), with one toast at most when the server is down."""
     models = models_view(ctx, toast=False)
     if models[0].startswith("⚠️"):
         gr.Warning(models[0].strip("⚠️ *"))
-    return (*models, upload_counts(ctx))
+    try:
+        status = ctx.client.status()
+    except ServerError:
+        status = None
+    return (*models, *status_view(status))

@@ -12,6 +12,7 @@ handlers as `{"error": ...}` with a 4xx. The HTTP contract is in docs/INTERNALS.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -91,9 +92,10 @@ async def status(ctx: Ctx) -> JSONResponse:
     """Model, uploads, latest retrain job, serving counters and auth, in one object."""
 
     def collect() -> dict[str, Any]:
+        model = model_summary(ctx.registry)
         return {
-            "model": model_summary(ctx.registry),
-            "uploads": ctx.uploads.counts(),
+            "model": model,
+            "uploads": ctx.uploads.counts(model.get("labels") or ()),
             "retrain": retrain_summary(ctx.jobs),
             "serving": serving_summary(ctx.stats, ctx.settings),
             "auth": {
@@ -159,11 +161,14 @@ async def rollback(request: Request, ctx: Ctx) -> JSONResponse:
 
 @router.post("/upload")
 async def upload(request: Request, ctx: Ctx) -> JSONResponse:
-    """Store labeled clips for retraining; 422 (same body + error) when none was stored."""
+    """Store clips labeled with one of the current model's labels for retraining; 422 for
+    another label (naming the known ones), and (same body + error) when none was stored."""
     ctx.require_key(request)
-    label, files = await upload_form(request, ctx.settings)
+    bundle = await run_in_threadpool(ctx.registry.current)
+    label, files = await upload_form(request, ctx.settings, bundle.labels, bundle.version)
     results = [await store_upload(ctx, f, label) for f in files]
-    body = {"results": results, "counts": await run_in_threadpool(ctx.uploads.counts)}
+    counts = await run_in_threadpool(ctx.uploads.counts, bundle.labels)
+    body = {"results": results, "counts": counts}
     if all(r["status"] == "rejected" for r in results):
         message = "No file was stored: " + "; ".join(r["error"] for r in results)
         return error_response(422, message, **body)
@@ -273,8 +278,11 @@ def retrain_body_model(default_epochs: int, max_epochs: int) -> type[BaseModel]:
     return RetrainBody
 
 
-async def upload_form(request: Request, settings: ServeSettings) -> tuple[str, list[UploadFile]]:
-    """The validated label and the files of a multipart /upload request."""
+async def upload_form(
+    request: Request, settings: ServeSettings, labels: Sequence[str], version: str
+) -> tuple[str, list[UploadFile]]:
+    """The label (one of `labels`, model `version`'s) and the files of a multipart
+    /upload request; 4xx naming what is wrong."""
     if content_type(request) != "multipart/form-data":
         raise HTTPError(
             415, "Upload with multipart/form-data: one or more 'files' and a 'label' field."
@@ -284,8 +292,10 @@ async def upload_form(request: Request, settings: ServeSettings) -> tuple[str, l
     )
     label_field = form.get("label")
     if not isinstance(label_field, str) or not label_field.strip():
-        raise HTTPError(422, "Missing form field 'label' (one of the fault labels).")
-    label = validate_label(label_field)
+        raise HTTPError(
+            422, f"Missing form field 'label' (one of {', '.join(labels)}: model {version}'s)."
+        )
+    label = validate_label(label_field, labels, owner=f"of the current model {version}")
     files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
     files += [f for f in form.getlist("file") if isinstance(f, UploadFile)]
     if not files:

@@ -5,6 +5,7 @@ server; nothing here feeds it."""
 
 from __future__ import annotations
 
+import colorsys
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -12,12 +13,28 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from faultsense.taxonomy import LABELS
-
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-LABEL_COLORS = dict(zip(LABELS, ("#d62728", "#ff7f0e", "#1f77b4", "#2ca02c"), strict=True))
+# Distinct colors for the first labels (the ESC-50 mapping's four keep their old colors);
+# more labels get evenly spaced hues.
+PALETTE = (
+    "#d62728", "#ff7f0e", "#1f77b4", "#2ca02c", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+)  # fmt: skip
+
+
+def label_colors(labels: Sequence[str]) -> dict[str, str]:
+    """One color per label, in order, for any number of labels."""
+    colors = {}
+    for i, label in enumerate(labels):
+        if i < len(PALETTE):
+            colors[label] = PALETTE[i]
+            continue
+        # Golden-ratio hue steps stay apart however many labels there are.
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.65, 0.85)
+        colors[label] = f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
+    return colors
 
 
 def load_clip(path: str | Path, max_seconds: float) -> tuple[np.ndarray, int]:
@@ -157,15 +174,20 @@ def clip_figure(
 
 
 def timeline_figure(windows: Sequence[Mapping[str, Any]]) -> Figure:
-    """Per-window probability of each label along a long recording."""
+    """Per-window probability of each label (the model's: the windows' own) along a long
+    recording."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 2.8), layout="constrained")
     ax = fig.subplots()
     centres = [(w["start_s"] + w["end_s"]) / 2 for w in windows]
-    for label in LABELS:
+    labels: list[str] = []
+    for w in windows:
+        labels += [k for k in w.get("probabilities") or {} if k not in labels]
+    colors = label_colors(labels)
+    for label in labels:
         probs = [float(w.get("probabilities", {}).get(label, 0.0)) for w in windows]
-        ax.plot(centres, probs, marker="o", ms=3, label=label, color=LABEL_COLORS[label])
+        ax.plot(centres, probs, marker="o", ms=3, label=label, color=colors[label])
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("time (s, window centre)")
     ax.set_ylabel("probability")
@@ -175,9 +197,12 @@ def timeline_figure(windows: Sequence[Mapping[str, Any]]) -> Figure:
 
 
 def distribution_figure(
-    dataset: Mapping[str, Mapping[str, int]], uploads: Mapping[str, int] | None
+    dataset: Mapping[str, Mapping[str, int]],
+    uploads: Mapping[str, int] | None,
+    labels: Sequence[str] | None = None,
 ) -> Figure:
-    """Grouped bars: clips per label in each split (and uploads waiting for retraining)."""
+    """Grouped bars: clips per label (`labels` first, then any other counted) in each split
+    (and uploads waiting for retraining)."""
     from matplotlib.figure import Figure
 
     groups = {split: dict(counts) for split, counts in dataset.items()}
@@ -185,13 +210,16 @@ def distribution_figure(
         groups["uploads"] = dict(uploads)
     fig = Figure(figsize=(9, 3), layout="constrained")
     ax = fig.subplots()
+    labels = list(labels or [])
+    for counts in groups.values():
+        labels += [k for k in counts if k not in labels]
     width = 0.8 / max(1, len(groups))
-    x = np.arange(len(LABELS))
+    x = np.arange(len(labels))
     for i, (split, counts) in enumerate(groups.items()):
-        values = [int(counts.get(label, 0)) for label in LABELS]
+        values = [int(counts.get(label, 0)) for label in labels]
         bars = ax.bar(x + (i - (len(groups) - 1) / 2) * width, values, width, label=split)
         ax.bar_label(bars, fontsize=7)
-    ax.set_xticks(x, LABELS)
+    ax.set_xticks(x, labels, rotation=30 if len(labels) > 6 else 0)
     ax.set_ylabel("clips")
     ax.set_title("class distribution per split", fontsize=10)
     ax.legend(fontsize=8)
@@ -223,13 +251,20 @@ def curves_figure(curves: Mapping[str, Sequence[Any]]) -> Figure:
     return fig
 
 
-def find_examples(folders: Sequence[str | Path]) -> dict[str, Path]:
-    """One clip per label from the first folder that has `<label>/<clip>` files."""
+def find_examples(
+    folders: Sequence[str | Path], labels: Sequence[str] | None = None
+) -> dict[str, Path]:
+    """One clip per label (of `labels`; None = every `<label>/` sub-folder found) from the
+    first folder that has `<label>/<clip>` files."""
     from faultsense.audio import AUDIO_SUFFIXES
 
     found: dict[str, Path] = {}
     for folder in folders:
-        for label in LABELS:
+        root = Path(folder)
+        names = labels
+        if names is None and root.is_dir():
+            names = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name[0] != ".")
+        for label in names or ():
             directory = Path(folder) / label
             if label in found or not directory.is_dir():
                 continue

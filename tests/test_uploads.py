@@ -59,7 +59,8 @@ def test_store_normalizes_to_16k_mono_and_records_a_row(tmp_path: Path):
         assert tuple(next(csv.reader(f))) == UPLOAD_COLUMNS
     [row] = store.rows()
     assert row["filename"] == "pump 3.wav" and row["label"] == "fluid_leak"
-    assert store.counts() == {label: int(label == "fluid_leak") for label in LABELS}
+    assert store.counts(LABELS) == {label: int(label == "fluid_leak") for label in LABELS}
+    assert store.counts() == {"fluid_leak": 1}  # no label list: the labels stored
     assert_consistent(store)
 
 
@@ -84,8 +85,35 @@ def test_the_same_audio_twice_is_a_duplicate_even_with_another_label_or_containe
 def test_unknown_label_is_rejected_and_nothing_is_written(tmp_path: Path):
     store = UploadStore(tmp_path / "up")
     with pytest.raises(LabelError, match="'leaky'.*mechanical_fault"):
-        store.add(wav_bytes(0), "leaky", "x.wav", max_seconds=10)
+        store.add(wav_bytes(0), "leaky", "x.wav", max_seconds=10, labels=LABELS)
     assert store.rows() == [] and not list((tmp_path / "up").rglob("*.wav"))
+
+
+def test_any_safe_label_is_stored_and_counted_in_the_order_asked(tmp_path: Path):
+    """Labels are data: the store takes any safe folder name (which labels the current
+    model knows is the server's check) and counts what it holds."""
+    store = UploadStore(tmp_path / "up")
+    result = store.add(wav_bytes(4), " bearing_wear ", "p.wav", max_seconds=10)
+    assert result.status == "stored" and result.label == "bearing_wear"
+    assert result.path.parent == tmp_path / "up" / "bearing_wear"
+    store.add(wav_bytes(5), "Idle-2", "q.wav", max_seconds=10)
+    assert store.counts(["cavitation", "bearing_wear"]) == {
+        "cavitation": 0, "bearing_wear": 1, "Idle-2": 1,
+    }  # fmt: skip
+    assert list(store.counts(["cavitation", "bearing_wear"])) == [
+        "cavitation", "bearing_wear", "Idle-2",
+    ]  # fmt: skip
+    assert_consistent(store)
+
+
+@pytest.mark.parametrize(
+    "label", ["", "   ", "../normal", "a/b", "bearing wear", "normál", "x" * 65, ".hidden"]
+)
+def test_a_label_that_is_no_safe_folder_name_is_rejected(tmp_path: Path, label: str):
+    store = UploadStore(tmp_path / "up")
+    with pytest.raises(LabelError, match="letters, digits"):
+        store.add(wav_bytes(0), label, "x.wav", max_seconds=10)
+    assert store.rows() == [] and not list(tmp_path.rglob("*.wav"))
 
 
 @pytest.mark.parametrize(

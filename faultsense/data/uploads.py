@@ -1,7 +1,8 @@
 """Labeled uploads: user recordings that join the training split on the next (re)train.
 
 `UploadStore(root)` validates an upload with `audio.decode` (so every bad file is an
-AudioError naming it), checks the label against the taxonomy, normalizes the audio to
+AudioError naming it), checks that the label is a safe folder name (which labels a model
+knows is the server's check, against the current model), normalizes the audio to
 16 kHz mono PCM16 WAV and stores it at `root/<label>/<sha256>.wav`, where sha256 is
 taken over the *normalized* WAV bytes: the same recording uploaded twice (even in a
 different container or sample rate that decodes to the same samples) is a duplicate.
@@ -22,6 +23,7 @@ import hashlib
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from filelock import FileLock
 
 from .. import audio
 from ..fileio import atomic_write, display_name
-from ..taxonomy import LABELS, validate_label
+from ..taxonomy import check_label_name, validate_label
 from .manifest import TRAIN_ONLY_FOLD, ManifestRow, write_csv
 from .sources import SourceStats, register_source
 
@@ -67,11 +69,20 @@ class UploadStore:
         return self.root / MANIFEST_NAME
 
     def add(
-        self, data: bytes, label: str, filename: str | None = None, *, max_seconds: float
+        self,
+        data: bytes,
+        label: str,
+        filename: str | None = None,
+        *,
+        max_seconds: float,
+        labels: Sequence[str] | None = None,
     ) -> UploadResult:
-        """Validate, normalize and store one upload. Raises LabelError for an unknown label
-        and AudioError (naming `filename`) for audio that cannot be used."""
-        label = validate_label(label)
+        """Validate, normalize and store one upload. Raises LabelError for a label that is
+        not a safe folder name (or, with `labels`, not one of them) and AudioError (naming
+        `filename`) for audio that cannot be used."""
+        label = check_label_name(label)
+        if labels is not None:
+            label = validate_label(label, labels)
         shown = display_name(filename, default="upload")
         wave = audio.decode(data, sample_rate=SAMPLE_RATE, max_seconds=max_seconds, name=shown)
         wav = audio.to_wav_bytes(wave, SAMPLE_RATE)
@@ -111,10 +122,12 @@ class UploadStore:
         except FileNotFoundError:
             return []
 
-    def counts(self) -> dict[str, int]:
-        """Stored uploads per label, every label present (0 when none)."""
+    def counts(self, labels: Sequence[str] = ()) -> dict[str, int]:
+        """Stored uploads per label: every one of `labels` (0 when none), in that order, then
+        any other label that has uploads, sorted."""
         counted = Counter(r["label"] for r in self.rows())
-        return {label: counted.get(label, 0) for label in LABELS}
+        others = sorted(set(counted) - set(labels))
+        return {label: counted.get(label, 0) for label in [*labels, *others]}
 
     def _write_rows(self, rows: list[dict[str, str]]) -> None:
         write_csv(self.manifest_path, UPLOAD_COLUMNS, rows)
