@@ -24,16 +24,29 @@ def _cnn(**kwargs: Any) -> nn.Module:
     return FaultCNN(**kwargs)
 
 
+def _hf_encoder(**kwargs: Any) -> nn.Module:
+    from .hf_encoder import HFEncoder
+
+    return HFEncoder(**kwargs)
+
+
 def _wav2vec2(**kwargs: Any) -> nn.Module:
     from .wav2vec2 import Wav2Vec2Backbone
 
     return Wav2Vec2Backbone(**kwargs)
 
 
+def _yamnet(**kwargs: Any) -> nn.Module:
+    from .yamnet import YamnetBackbone
+
+    return YamnetBackbone(**kwargs)
+
+
 # The only backbones a spec (from a config, a checkpoint or a bundle) may name.
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "faultsense.models.cnn.FaultCNN": _cnn,
     "faultsense.models.wav2vec2.Wav2Vec2Backbone": _wav2vec2,
+    "faultsense.models.yamnet.YamnetBackbone": _yamnet,
 }
 
 
