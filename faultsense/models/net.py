@@ -45,6 +45,8 @@ def _yamnet(**kwargs: Any) -> nn.Module:
 # The only backbones a spec (from a config, a checkpoint or a bundle) may name.
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "faultsense.models.cnn.FaultCNN": _cnn,
+    "faultsense.models.hf_encoder.HFEncoder": _hf_encoder,
+    # the wav2vec2 preset's name for HFEncoder, kept so older bundles and specs still build
     "faultsense.models.wav2vec2.Wav2Vec2Backbone": _wav2vec2,
     "faultsense.models.yamnet.YamnetBackbone": _yamnet,
 }
