@@ -59,7 +59,16 @@ ONNX_FILE = "model.onnx"
 FORMAT = 1
 LOCK_TIMEOUT_S = 120.0
 REQUIRED_META = ("net_spec", "labels", "sample_rate", "clip_samples")
-_REGISTRY_FIELDS = ("version", "weights_sha256", "created_at", "git_commit", "onnx")
+# bundle.json is written once, at registration; this field holds the sha256 of the rest.
+BUNDLE_SHA_FIELD = "bundle_sha256"
+_REGISTRY_FIELDS = (
+    "version",
+    "weights_sha256",
+    "created_at",
+    "git_commit",
+    "onnx",
+    BUNDLE_SHA_FIELD,
+)
 _VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
 
 
@@ -70,6 +79,14 @@ def default_registry_dir() -> Path:
 
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def bundle_json_sha256(meta: Mapping[str, Any]) -> str:
+    """sha256 of a bundle.json's content less its own `bundle_sha256` field, as canonical
+    JSON (sorted keys, no spaces), so formatting does not matter but any value does."""
+    body = {k: v for k, v in meta.items() if k != BUNDLE_SHA_FIELD}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=jsonable)
+    return _sha256_bytes(text.encode("utf-8"))
 
 
 def git_commit() -> str | None:
@@ -296,6 +313,13 @@ class Registry:
                 f"Bundle {version}: {meta_path} is inconsistent "
                 f"(missing {missing or 'nothing'}, version field {meta.get('version')!r})."
             )
+        recorded = meta.get(BUNDLE_SHA_FIELD)  # absent in bundles registered before it existed
+        if recorded is not None and recorded != bundle_json_sha256(meta):
+            raise RegistryError(
+                f"Bundle {version}: {meta_path} does not match its recorded sha256: it is "
+                "corrupt or was edited after registration (labels, net_spec, ...). "
+                "Refusing to load it; register the model again instead of editing bundle.json."
+            )
         return Bundle(version=version, path=path, meta=meta)
 
     def current(self) -> Bundle:
@@ -472,7 +496,9 @@ class Registry:
     @staticmethod
     def _write_bundle_json(path: Path, bundle: Mapping[str, Any]) -> None:
         try:
-            text = json.dumps(bundle, indent=2, default=jsonable) + "\n"
+            # Hashed as it will read back (tuples become lists, numpy scalars numbers).
+            stored = json.loads(json.dumps(bundle, default=jsonable))
         except (TypeError, ValueError) as err:
             raise RegistryError(f"Bundle metadata cannot be written as JSON: {err}") from None
-        atomic_write(path, text)
+        stored[BUNDLE_SHA_FIELD] = bundle_json_sha256(stored)
+        atomic_write(path, json.dumps(stored, indent=2) + "\n")

@@ -37,7 +37,7 @@ import pytest
 from faultsense.data.uploads import UploadStore
 from faultsense.errors import RegistryError
 from faultsense.export import export_checkpoint
-from faultsense.registry import Registry
+from faultsense.registry import Registry, bundle_json_sha256
 from faultsense.taxonomy import LABELS
 from tests import hostile
 from tests.fixtures.server import REPO, retrain_overrides_for, start_server
@@ -165,6 +165,7 @@ def test_pickled_checkpoint_and_weights_are_refused_unexecuted(trained_registry_
     bundle.weights_path.write_bytes(evil)
     meta = json.loads((bundle.path / "bundle.json").read_text())
     meta["weights_sha256"] = hashlib.sha256(evil).hexdigest()
+    meta["bundle_sha256"] = bundle_json_sha256(meta)  # ... and the bundle.json checksum
     (bundle.path / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(RegistryError, match="corrupt"):
         registry.get("v1").load_net()

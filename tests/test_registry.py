@@ -145,6 +145,49 @@ def test_tampered_weights_are_refused_and_never_become_current(tmp_path):
     reg.get("v1").verify()
 
 
+@pytest.mark.parametrize(
+    ("field", "edit"),
+    [
+        ("labels", lambda m: m["labels"].reverse()),  # same labels, other class order
+        ("net_spec", lambda m: m["net_spec"].update(kind="other-net")),
+        ("sample_rate", lambda m: m.update(sample_rate=8000)),
+    ],
+)
+def test_edited_bundle_json_is_refused_and_never_becomes_current(tmp_path, field, edit):
+    reg = Registry(tmp_path)
+    reg.register(tiny_net(0), meta(), promote=True)
+    reg.register(tiny_net(1), meta())
+    path = tmp_path / "v2" / "bundle.json"
+    bundle = json.loads(path.read_text())
+    edit(bundle)
+    path.write_text(json.dumps(bundle, indent=4))  # valid JSON, weights untouched
+    for action in (lambda: reg.get("v2"), lambda: reg.promote("v2"), lambda: reg.rollback("v2")):
+        with pytest.raises(RegistryError, match="bundle.json does not match its recorded sha256"):
+            action()
+    assert reg.current_version() == "v1"
+    assert [r.get("error", "") for r in reg.list()][1].startswith("Bundle v2"), field
+    # Formatting alone (indentation, key order) is not an edit.
+    path = tmp_path / "v1" / "bundle.json"
+    path.write_text(json.dumps(dict(reversed(json.loads(path.read_text()).items()))))
+    reg.get("v1").verify()
+
+
+def test_corrupt_onnx_file_is_refused(tmp_path):
+    reg = Registry(tmp_path)
+    reg.register(tiny_net(0), meta(), promote=True)
+    version = reg.register(tiny_net(1), meta(), onnx=True)  # a real export, parity-checked
+    bundle = reg.get(version)
+    bundle.verify()
+    data = bytearray(bundle.onnx_path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit inside the graph or its weights
+    bundle.onnx_path.write_bytes(bytes(data))
+    with pytest.raises(RegistryError, match="model.onnx is missing or does not match"):
+        reg.get(version).verify()
+    with pytest.raises(RegistryError, match="model.onnx"):
+        reg.promote(version)
+    assert reg.current_version() == "v1"
+
+
 def test_half_written_bundle_is_refused(tmp_path):
     reg = Registry(tmp_path)
     reg.register(tiny_net(0), meta(), promote=True)
