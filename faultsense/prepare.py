@@ -1,8 +1,12 @@
 """`faultsense-data`: prepare the manifest + waveform cache and print clip counts per label
-and per fold. e.g. `faultsense-data data.source=../shared/datasets/esc50-16k`."""
+and per fold, then the split table: clips (and recordings) per label in train, val and
+test, with a warning for a label missing from a split, a share far off train's, or a
+recording in two splits. e.g. `faultsense-data data.source=../shared/datasets/esc50-16k`,
+`faultsense-data data=folder data.source=DIR 'data.group_by="(.*)_[0-9]+"'`."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from typing import Any
@@ -13,6 +17,9 @@ from omegaconf import DictConfig
 from . import CONFIG_DIR
 from .config import run_cli
 from .data.manifest import AUX_ONLY
+from .data.splits import SPLITS, SplitTable, split_table
+
+log = logging.getLogger(__name__)
 
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
@@ -38,6 +45,9 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
             "val": len(dm.val_set or ()),
             "test": len(dm.test_set or ()),
         },
+        "split_table": split_table(
+            rows, dm.labels, dm.val_fold, dm.test_fold if dm.has_test else None
+        ),
         "val_fold": dm.val_fold,
         "test_fold": dm.test_fold,
         "has_test": dm.has_test,
@@ -80,6 +90,7 @@ def report(summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"splits: train {s['train']}, val (fold {summary['val_fold']}) {s['val']}, {test}",
+        *split_lines(summary["split_table"], width),
         f"manifest: {summary['manifest']}",
         "cache: " + ", ".join(summary["caches"]),
         f"fingerprint: {summary['fingerprint'][:16]}",
@@ -90,6 +101,18 @@ def report(summary: dict[str, Any]) -> str:
             f"skipped {len(summary['skipped'])} bad clip(s): " + ", ".join(summary["skipped"])
         )
     return "\n".join(lines)
+
+
+def split_lines(table: SplitTable, width: int) -> list[str]:
+    """The split table: clips (recordings) per label per split, then its warnings."""
+    lines = ["", "clips (recordings)".ljust(width) + "".join(s.rjust(14) for s in SPLITS)]
+    for label in table.labels:
+        cells = [f"{table.clips[label, s]} ({len(table.groups[label, s])})" for s in SPLITS]
+        lines.append(label.ljust(width) + "".join(c.rjust(14) for c in cells))
+    for warning in table.warnings:
+        log.warning("split: %s", warning)
+        lines.append(f"warning: {warning}")
+    return lines
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")

@@ -116,7 +116,7 @@ def test_uploads_join_the_training_split_of_any_source(tmp_path: Path):
 def test_an_unknown_kind_or_a_key_the_source_does_not_take_is_a_config_error(tmp_path: Path):
     with pytest.raises(
         ConfigError,
-        match=r"data.kind='no_such_source' is not a data source. Known: esc50, synthetic, ",
+        match=r"data.kind='no_such_source' is not a data source. Known: esc50, folder, manifest, synthetic, ",
     ):
         build_datamodule(
             compose_config("prepare", tone_overrides(tmp_path, "data.kind=no_such_source")).data

@@ -5,8 +5,11 @@ A cache is a folder `<cache_root>/<name>-<fingerprint[:16]>/` with
 - `index.json`: version, fingerprint, sample_rate, clip_samples and the manifest rows in
   row order (with each clip's decoded duration), plus clips skipped as bad.
 
-The fingerprint covers the clips (id, label, fold, file size and mtime), the sample
-rate, the clip length and the mapping, so a change to any of them selects another
+A row that is a segment of its file (`offset`, `length`) is cut out of it here: only
+that part of the file is read and decoded, once.
+
+The fingerprint covers the clips (id, label, fold, group and segment, file size and
+mtime), the sample rate, the clip length and the mapping, so a change to any of them selects another
 folder (different sources never clobber each other) and an unchanged one is reused.
 A build writes into a temp folder and renames it into place only when complete, so a
 crash never leaves a usable half-cache; builds of one fingerprint are serialized by a
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
 from filelock import FileLock
 
 from .. import audio
@@ -82,9 +87,10 @@ def fingerprint(
             stat = (st.st_size, st.st_mtime_ns)
         except OSError:
             stat = (-1, -1)  # the build reports the missing file by name
-        h.update(
-            json.dumps([row.id, row.label, row.fold, row.category, row.source, *stat]).encode()
-        )
+        fields = [row.id, row.label, row.fold, row.category, row.source, *stat]
+        if row.group or row.is_segment:  # absent otherwise: older fingerprints stay valid
+            fields += [row.group, row.offset, row.length]
+        h.update(json.dumps(fields).encode())
     return h.hexdigest()
 
 
@@ -174,7 +180,7 @@ def _build(
         )
         for row in _track(rows, f"caching {path.name}", progress):
             try:
-                wave = audio.decode(row.path, sample_rate=sample_rate, allow_silent=True)
+                wave = decode_row(row, sample_rate)
             except AudioError as err:
                 if not skip_bad:
                     raise DataError(
@@ -211,6 +217,28 @@ def _build(
     elapsed = time.perf_counter() - start
     log.info("Built waveform cache %s: %d clips in %.1f s", path, len(kept), elapsed)
     return WaveCache(path, fp, sample_rate, clip_samples, kept, skipped)
+
+
+def decode_row(row: ManifestRow, sample_rate: int) -> np.ndarray:
+    """The clip of `row` as mono float32 [T] at `sample_rate`: the whole file, or only
+    its segment `offset` .. `offset + length` (read by seeking, not by decoding it all)."""
+    if not row.is_segment:
+        return audio.decode(row.path, sample_rate=sample_rate, allow_silent=True)
+    name = f"{row.path} [{row.offset:g} s + {'end' if row.length is None else f'{row.length:g} s'}]"
+    seconds = audio.info_seconds(row.path)  # AudioError naming the file if unreadable
+    if row.offset >= seconds:
+        raise AudioError(f"{name}: the segment starts after the end of the file ({seconds:g} s).")
+    try:
+        with sf.SoundFile(row.path) as f:
+            f.seek(int(round(row.offset * f.samplerate)))
+            frames = -1 if row.length is None else int(round(row.length * f.samplerate))
+            data, rate = f.read(frames, dtype="float32", always_2d=True), f.samplerate
+    except (sf.LibsndfileError, RuntimeError, ValueError) as err:
+        raise AudioError(f"{name} is corrupt or truncated: {err}") from None
+    # Through audio.decode as a WAV in memory: the same checks and resampling as a file.
+    buf = io.BytesIO()
+    sf.write(buf, data, rate, format="WAV", subtype="FLOAT")
+    return audio.decode(buf.getvalue(), sample_rate=sample_rate, name=name, allow_silent=True)
 
 
 def _with_duration(row: ManifestRow, seconds: float) -> ManifestRow:

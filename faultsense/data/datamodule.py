@@ -2,7 +2,12 @@
 waveforms float32 [B, T], int64 fault labels [B] and int64 category indices [B].
 
 The source is looked up by `data.kind` in `faultsense.data.sources` and yields manifest
-rows; this module knows no source. The category index (into
+rows; this module knows no source. The labels are `data.labels` (that order), else the
+source's own (`source.labels`, e.g. a folder's, sorted), else the default taxonomy's; a
+clip of the source with another label is a DataError naming it (an upload of another
+label set is left out with a warning). With `data.train_hop_seconds`, a clip longer than
+`clip_seconds` becomes windows every `train_hop_seconds` (the last one ends at the end),
+all in the recording's group and fold. The category index (into
 `FaultDataModule.categories`, -1 for a clip without one, e.g. an upload) feeds a model's
 optional auxiliary category head; the fault label is -1 for clips kept only for that
 head (`data.mapping.unmapped=aux`), which are train-only.
@@ -18,6 +23,7 @@ Lightning swaps in a DistributedSampler and `batch_size` is per device.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
@@ -31,11 +37,11 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .. import audio
 from ..config import instantiate, plain
-from ..errors import ConfigError, DataError
-from ..taxonomy import LABEL_TO_INDEX, LABELS
+from ..errors import AudioError, ConfigError, DataError
+from ..taxonomy import LABELS
 from . import cache as wave_cache
 from .datasets import CachedWaves, FileWaves, collate_batch
-from .manifest import ManifestRow, write_manifest
+from .manifest import AUX_ONLY, ManifestRow, write_manifest
 from .sources import DataSource, SourceStats, build_source
 
 log = logging.getLogger(__name__)
@@ -65,6 +71,8 @@ class FaultDataModule(LightningDataModule):
         manifest_path: str | None = None,
         sample_rate: int = audio.MODEL_SAMPLE_RATE,
         clip_seconds: float = 5.0,
+        train_hop_seconds: float | None = None,
+        labels: Sequence[str] | None = None,
         val_fold: int = 4,
         test_fold: int | None = 5,
         batch_size: int = 32,
@@ -87,6 +95,9 @@ class FaultDataModule(LightningDataModule):
             )
         if batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}.")
+        if train_hop_seconds is not None and not train_hop_seconds > 0:
+            raise ConfigError(f"data.train_hop_seconds must be > 0, got {train_hop_seconds}.")
+        self.label_config = _label_config(labels)
         self.kind = str(kind)
         self.name = name or self.kind
         self.cache_dir = Path(cache_dir)
@@ -102,10 +113,12 @@ class FaultDataModule(LightningDataModule):
             self.kind, skip_bad=self.skip_bad, progress=progress, **options
         )
         self.mapping: dict[str, Any] = dict(self.data_source.mapping or {})
-        self.labels: list[str] = list(LABELS)
+        # Until the rows are read: the configured labels, else the default ones.
+        self.labels: list[str] = list(self.label_config or LABELS)
         self.categories: list[str] = []
         self.sample_rate = int(sample_rate)
         self.clip_samples = int(round(clip_seconds * sample_rate))
+        self.train_hop_seconds = None if train_hop_seconds is None else float(train_hop_seconds)
         self.val_fold = int(val_fold)
         self.test_fold = None if test_fold is None else int(test_fold)
         self.batch_size = int(batch_size)
@@ -135,14 +148,25 @@ class FaultDataModule(LightningDataModule):
     def _parts(self, create: bool) -> list[tuple[str, list[ManifestRow]]]:
         """(cache part name, rows): the data source, then the uploads. A part per source,
         so a new upload never re-decodes the source's clips."""
-        parts = [(self.name, self.data_source.rows(create=create))]
+        rows = self.data_source.rows(create=create)
         self.stats = self.data_source.stats
+        self.labels = list(self.label_config or getattr(self.data_source, "labels", None) or LABELS)
+        check_labels(rows, self.labels, explicit=bool(self.label_config))
+        parts = [(self.name, self._windows(rows))]
         if self.include_uploads and self.uploads_dir:
             uploads = build_source(
                 UPLOADS, source=self.uploads_dir, skip_bad=self.skip_bad, progress=self.progress
             )
-            parts.append((UPLOADS, uploads.rows(create=create)))
+            parts.append((UPLOADS, known_labels(uploads.rows(create=create), self.labels)))
         return parts
+
+    def _windows(self, rows: list[ManifestRow]) -> list[ManifestRow]:
+        """`rows`, each clip longer than `clip_seconds` split into windows every
+        `train_hop_seconds` (none without it)."""
+        if self.train_hop_seconds is None:
+            return rows
+        clip = self.clip_samples / self.sample_rate
+        return [w for row in rows for w in windows(row, clip, self.train_hop_seconds)]
 
     def _caches(self, create: bool) -> list[wave_cache.WaveCache]:
         """Build (`create`) or open the cache of every part with rows; [] when one is not
@@ -216,7 +240,8 @@ class FaultDataModule(LightningDataModule):
         )
         rows = [r for c in caches for r in c.rows]
         folds = np.array([r.fold for r in rows])
-        labels = np.array([LABEL_TO_INDEX.get(r.label, -1) for r in rows], dtype=np.int64)
+        to_index = {label: i for i, label in enumerate(self.labels)}
+        labels = np.array([to_index.get(r.label, -1) for r in rows], dtype=np.int64)
         self.categories = sorted({r.category for r in rows if r.category})
         index = {c: i for i, c in enumerate(self.categories)}
         categories = np.array([index.get(r.category, -1) for r in rows], dtype=np.int64)
@@ -248,8 +273,8 @@ class FaultDataModule(LightningDataModule):
         self.train_set, self.val_set = subset(is_train), subset(is_val)
         self.test_set = subset(is_test) if self.has_test else None
         train_labels = labels[is_train]
-        counts = np.bincount(train_labels[train_labels >= 0], minlength=len(LABELS))
-        self.class_counts = {label: int(n) for label, n in zip(LABELS, counts, strict=True)}
+        counts = np.bincount(train_labels[train_labels >= 0], minlength=len(self.labels))
+        self.class_counts = {label: int(n) for label, n in zip(self.labels, counts, strict=True)}
         self.class_weights = inverse_frequency_weights(counts)
 
     # ------------------------------------------------------------ loaders
@@ -311,6 +336,74 @@ def inverse_frequency_weights(counts: np.ndarray) -> list[float]:
     inv = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
     scale = (counts > 0).sum() / inv.sum() if inv.sum() > 0 else 0.0
     return [float(w) for w in inv * scale]
+
+
+def _label_config(labels: Sequence[str] | None) -> list[str] | None:
+    """`data.labels` checked: None, or distinct non-empty names."""
+    if labels is None:
+        return None
+    if isinstance(labels, str):
+        raise ConfigError(f"data.labels must be a list of labels, got {labels!r}.")
+    names = [str(label).strip() for label in plain(labels)]
+    if not names or "" in names or len(set(names)) != len(names):
+        raise ConfigError(f"data.labels must list distinct, non-empty labels; got {names}.")
+    return names
+
+
+def check_labels(rows: Sequence[ManifestRow], labels: Sequence[str], *, explicit: bool) -> None:
+    """A DataError naming the first clip whose label is not in `labels` (AUX_ONLY aside)."""
+    known = set(labels)
+    for row in rows:
+        if row.label != AUX_ONLY and row.label not in known:
+            origin = "data.labels" if explicit else "the labels of this source"
+            raise DataError(
+                f"{row.path} is labeled {row.label!r}, which is not one of {origin}: "
+                f"{', '.join(labels)}. Fix its label, or add it to data.labels."
+            )
+
+
+def known_labels(rows: list[ManifestRow], labels: Sequence[str]) -> list[ManifestRow]:
+    """Uploads whose label is in `labels`; the others (uploaded for a model with another
+    label set) are left out with a warning naming them."""
+    known = set(labels)
+    other = [r for r in rows if r.label not in known]
+    if other:
+        log.warning(
+            "Leaving out %d upload(s) with labels outside %s (e.g. %s labeled %r).",
+            len(other),
+            ", ".join(labels),
+            other[0].path,
+            other[0].label,
+        )
+    return [r for r in rows if r.label in known]
+
+
+def windows(row: ManifestRow, clip: float, hop: float) -> list[ManifestRow]:
+    """`row` as windows of `clip` seconds every `hop` seconds, the last one ending at the
+    end of the clip (as `audio.sliding_windows`), all in the row's recording; `[row]`
+    when it is no longer than `clip` or its file cannot be read (the cache reports it)."""
+    if row.length is not None:
+        seconds = row.length
+    else:
+        try:
+            seconds = audio.info_seconds(row.path) - row.offset
+        except AudioError:
+            return [row]
+    if seconds <= clip + 1e-6:
+        return [row]
+    starts = list(np.arange(0.0, seconds - clip + 1e-6, hop))
+    if starts[-1] + clip < seconds - 1e-6:
+        starts.append(seconds - clip)
+    return [
+        dataclasses.replace(
+            row,
+            id=f"{row.id}#{k}",
+            group=row.recording,
+            offset=round(row.offset + float(start), 6),
+            length=clip,
+        )
+        for k, start in enumerate(starts)
+    ]
 
 
 def _combine(fingerprints: Iterable[str]) -> str:

@@ -1,9 +1,11 @@
 """The manifest row every data source yields, and the manifest CSV it is written to.
 
-A row is one clip: where it is, its category in its source (if it has one), its fault
-label, its fold and which source it came from. `fold` 0 = train only (uploads); the
-label `AUX_ONLY` marks a clip kept for the auxiliary category head only. Files are
-written atomically (`faultsense.fileio.atomic_write`).
+A row is one clip: where it is, its category in its source (if it has one), its label,
+its fold and which source it came from; optionally the recording it belongs to (`group`)
+and the segment of the file it is (`offset`, `length` in seconds). `fold` 0 = train only
+(uploads); the label `AUX_ONLY` marks a clip kept for the auxiliary category head only.
+Files are written atomically (`faultsense.fileio.atomic_write`); the segment columns
+are written only when a row uses them, so an ESC-50 manifest keeps its old columns.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from ..errors import DataError
 from ..fileio import atomic_write
 
 MANIFEST_COLUMNS = ("id", "path", "category", "label", "fold", "source", "duration")
+# Written only when some row has a group or is a segment of its file.
+SEGMENT_COLUMNS = ("group", "offset", "length")
 # Manifests and cache indexes written before the field was named for every source.
 _LEGACY_CATEGORY = "esc50_category"
 _LEGACY_COLUMNS = tuple(_LEGACY_CATEGORY if c == "category" else c for c in MANIFEST_COLUMNS)
@@ -30,7 +34,9 @@ TRAIN_ONLY_FOLD = 0
 @dataclass(frozen=True)
 class ManifestRow:
     """One clip. `category` is "" when the source has none; `fold` 0 = train only;
-    `duration` (seconds) is known once the clip has been decoded into the cache."""
+    `duration` (seconds) is known once the clip has been decoded into the cache.
+    `group` names the recording the clip comes from ("" = the clip is its own); `offset`
+    and `length` (seconds) cut the clip out of the file (`length` None = to its end)."""
 
     id: str
     path: str
@@ -39,6 +45,19 @@ class ManifestRow:
     fold: int
     source: str
     duration: float | None = None
+    group: str = ""
+    offset: float = 0.0
+    length: float | None = None
+
+    @property
+    def recording(self) -> str:
+        """The group this clip splits with: its `group`, else its own id."""
+        return self.group or self.id
+
+    @property
+    def is_segment(self) -> bool:
+        """True when the clip is a part of its file, not the whole file."""
+        return self.offset > 0 or self.length is not None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,10 +68,16 @@ class ManifestRow:
         fields = dict(row)
         if _LEGACY_CATEGORY in fields:
             fields["category"] = fields.pop(_LEGACY_CATEGORY)
-        duration = fields.get("duration")
-        fields["duration"] = None if duration in (None, "") else float(duration)
+        fields["duration"] = _float_or_none(fields.get("duration"))
+        fields["length"] = _float_or_none(fields.get("length"))
+        fields["offset"] = _float_or_none(fields.get("offset")) or 0.0
+        fields["group"] = fields.get("group") or ""
         fields["fold"] = int(fields["fold"])
         return cls(**fields)
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value in (None, "") else float(value)
 
 
 def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> Path:
@@ -67,8 +92,14 @@ def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Mapping[s
 
 
 def write_manifest(rows: Iterable[ManifestRow], path: str | Path) -> Path:
-    """Write the manifest CSV (MANIFEST_COLUMNS) atomically; returns `path`."""
-    return write_csv(path, MANIFEST_COLUMNS, (_csv_fields(row) for row in rows))
+    """Write the manifest CSV (MANIFEST_COLUMNS, + SEGMENT_COLUMNS when a row has a group
+    or is a segment) atomically; returns `path`."""
+    rows = list(rows)
+    columns = MANIFEST_COLUMNS
+    if any(r.group or r.is_segment for r in rows):
+        columns += SEGMENT_COLUMNS
+    fields = [_csv_fields(row) for row in rows]
+    return write_csv(path, columns, ({c: f[c] for c in columns} for f in fields))
 
 
 def read_manifest(path: str | Path) -> list[ManifestRow]:
@@ -77,7 +108,8 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            if tuple(reader.fieldnames or ()) not in (MANIFEST_COLUMNS, _LEGACY_COLUMNS):
+            known = (MANIFEST_COLUMNS, MANIFEST_COLUMNS + SEGMENT_COLUMNS, _LEGACY_COLUMNS)
+            if tuple(reader.fieldnames or ()) not in known:
                 raise DataError(
                     f"{path} is not a FaultSense manifest (columns {reader.fieldnames})."
                 )
@@ -89,4 +121,6 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
 def _csv_fields(row: ManifestRow) -> dict[str, Any]:
     fields = row.as_dict()
     fields["duration"] = "" if row.duration is None else f"{row.duration:.3f}"
+    fields["length"] = "" if row.length is None else repr(row.length)
+    fields["offset"] = repr(row.offset)
     return fields

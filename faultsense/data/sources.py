@@ -5,8 +5,13 @@ A source is a class (or any callable) registered with `@register_source("<kind>"
 DataModule builds it as `factory(skip_bad=..., progress=..., **options)`, where
 `options` are the data config's keys that the DataModule does not use itself (e.g.
 `source`, `raw_dir`, `mapping`), null ones left out; then it calls `rows(create=...)`. A kind not registered
-yet is looked up as the module `faultsense.data.<kind>`, which registers it on import,
-so a new built-in source is one module plus one `configs/data/<kind>.yaml`.
+yet is looked up as the module `faultsense.data.<kind>` (or the one `_MODULES` names),
+which registers it on import, so a new built-in source is one module plus one
+`configs/data/<kind>.yaml`.
+
+A source may also have `labels`: its label set in order once `rows()` has run (the
+folder and manifest sources: the labels found, sorted). Without it, or None, the
+DataModule uses the default labels of `faultsense.taxonomy` unless `data.labels` is set.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ F = TypeVar("F", bound=SourceFactory)
 
 _SOURCES: dict[str, SourceFactory] = {}
 _KIND = re.compile(r"[a-z][a-z0-9_]*")
+# Built-in kinds whose module is not named after them (`manifest.py` holds the row).
+_MODULES = {"manifest": "manifest_file"}
 
 
 def register_source(kind: str) -> Callable[[F], F]:
@@ -82,10 +89,11 @@ def get_source(kind: str) -> SourceFactory:
     """The factory registered as `kind`, importing `faultsense.data.<kind>` if needed."""
     kind = str(kind).strip()
     if kind not in _SOURCES and _KIND.fullmatch(kind):
+        module = f"{__package__}.{_MODULES.get(kind, kind)}"
         try:
-            importlib.import_module(f"{__package__}.{kind}")
+            importlib.import_module(module)
         except ModuleNotFoundError as err:
-            if err.name != f"{__package__}.{kind}":
+            if err.name != module:
                 raise  # the module exists but one of its imports is missing
     if kind not in _SOURCES:
         raise ConfigError(

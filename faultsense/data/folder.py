@@ -1,0 +1,115 @@
+"""Folder source (`data=folder`, `data.kind=folder`): one sub-folder per label, the
+`audiofolder` convention of Hugging Face datasets.
+
+    <root>/<label>/<file>          any audio file the decoder reads (WAV, FLAC, OGG, MP3, ...),
+    <root>/<label>/<sub>/<file>    any sample rate and length; sub-folders belong to the label
+    <root>/metadata.csv            optional: file_name (relative to root), label, fold, group
+
+A `metadata.csv` row overrides what the folders say for its file (an empty cell keeps
+it); a file it lists outside any label folder needs its `label`. Without folds in the
+data, folds are made by stratified group k-fold (`faultsense.data.splits`): groups from
+the `group` column, else `data.group_by`, else each file alone. Labels are the folder
+(or metadata) names, sorted.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .. import audio
+from ..errors import DataError
+from .labeled import LabeledFiles, sorted_labels, source_path
+from .manifest import ManifestRow
+from .sources import SourceStats, register_source
+
+METADATA_FILE = "metadata.csv"
+
+
+@register_source("folder")
+class FolderSource:
+    """The audio files under `source` as manifest rows labeled by folder (or metadata).
+
+    `group_by`: regex naming a file's recording (first capture group); `num_folds`,
+    `split_seed`: the group k-fold made when the data has no folds.
+    """
+
+    mapping: dict | None = None  # labels come from the folders, not from a mapping
+
+    def __init__(
+        self,
+        source: str | Path | None = None,
+        *,
+        group_by: str | None = None,
+        num_folds: int = 5,
+        split_seed: int = 0,
+        skip_bad: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.source = source
+        self.group_by, self.num_folds, self.split_seed = group_by, num_folds, split_seed
+        self.skip_bad = bool(skip_bad)
+        self.labels: list[str] | None = None
+        self.stats: SourceStats | None = None
+
+    def rows(self, *, create: bool) -> list[ManifestRow]:
+        root = source_path(self.source, "folder", "DIR (a folder with one sub-folder per label)")
+        if not root.is_dir():
+            raise DataError(f"data.source={self.source} is not a folder (data=folder).")
+        files = LabeledFiles(root, "folder", self.group_by, self.skip_bad)
+        listed = read_metadata(root)
+        for path in audio_files(root):
+            rel = path.relative_to(root).as_posix()
+            meta = listed.pop(rel, {})
+            folder_label = rel.split("/", 1)[0] if "/" in rel else ""
+            label = meta.get("label") or folder_label
+            if label:
+                where = f"{root / METADATA_FILE}: {rel}" if meta else str(path)
+                files.add(path, label, where, fold=meta.get("fold"), group=meta.get("group"))
+        for rel, meta in listed.items():  # listed, but not an audio file under root
+            where = f"{root / METADATA_FILE}: {rel}"
+            files.add(
+                root / rel, meta.get("label"), where, fold=meta.get("fold"), group=meta.get("group")
+            )
+        rows, self.stats = files.finish(num_folds=self.num_folds, seed=self.split_seed)
+        self.labels = sorted_labels(rows)
+        return rows
+
+
+def audio_files(root: Path) -> list[Path]:
+    """Audio files (by suffix) under `root`, sorted, hidden files and folders left out."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in audio.AUDIO_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+def read_metadata(root: Path) -> dict[str, dict[str, str]]:
+    """`root/metadata.csv` as {file_name: {label, fold, group}} (empty cells left out);
+    {} when there is none."""
+    path = root / METADATA_FILE
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if "file_name" not in (reader.fieldnames or []):
+                raise DataError(
+                    f"{path} has no file_name column (columns: file_name, label, fold, group)."
+                )
+            entries = list(reader)
+    except OSError as err:
+        raise DataError(f"Cannot read {path}: {err.strerror}.") from None
+    except (csv.Error, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not a valid CSV file: {err}.") from None
+    listed: dict[str, dict[str, str]] = {}
+    for line, entry in enumerate(entries, start=2):
+        name = Path(str(entry.get("file_name") or "").strip()).as_posix()
+        if name in ("", "."):
+            raise DataError(f"{path} line {line}: empty file_name.")
+        keep = ("label", "fold", "group")
+        listed[name] = {k: str(entry[k]).strip() for k in keep if (entry.get(k) or "").strip()}
+    return listed
