@@ -102,9 +102,13 @@ def test_wave_augment_is_identity_in_eval_and_per_example_in_training():
 
 def test_mixup_keeps_the_first_clip_dominant():
     wave, target = torch.randn(6, 100), torch.arange(6)
-    mixed, a, b, lam = mixup(wave, target, alpha=0.4)
-    assert mixed.shape == wave.shape and 0.5 <= lam <= 1.0
-    assert torch.equal(a, target) and sorted(b.tolist()) == target.tolist()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        mixed, a, b, lam = mixup(wave, target, alpha=0.4)
+        assert mixed.shape == wave.shape and 0.5 <= lam <= 1.0
+        assert torch.equal(a, target) and sorted(b.tolist()) == target.tolist()
+        # Each clip is lam * itself + (1 - lam) * the clip whose label is its `b`.
+        torch.testing.assert_close(mixed, lam * wave + (1 - lam) * wave[b])
 
 
 def test_faultnet_is_waveform_to_logits_deterministic_and_batch_independent():
