@@ -254,7 +254,9 @@ class YamnetBackbone(nn.Module):
         self.train_blocks, self.patch_hop_s, self.pooling = train_blocks, patch_hop_s, pooling
         self.frozen = NUM_LAYERS - train_blocks
         for layer in self.encoder.layers[: self.frozen]:
-            layer.requires_grad_(False)
+            # eval from the start, not only on .train(): Lightning restores each module's
+            # mode as it found it, so a frozen layer must never be found training.
+            layer.requires_grad_(False).eval()
         self.out_dim = EMBEDDING_DIM * (2 if pooling == "meanmax" else 1)
 
     def _load(self, weights: str, expected_sha256: str | None) -> None:
