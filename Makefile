@@ -7,9 +7,10 @@ ARGS ?=
 
 .PHONY: setup test test-fast lint format data synth train eval sweep cv retrain serve app demo loadtest bench clean
 
-setup:  ## install uv if missing, then the locked environment
+setup:  ## install uv if missing, the locked environment, then YAMNet's weights (offline)
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --frozen
+	$(RUN) python -m faultsense.models.yamnet_weights
 
 test:  ## the whole test suite (what CI runs)
 	$(RUN) pytest -q $(ARGS)
