@@ -1,7 +1,12 @@
 """Retraining entry point: `faultsense-retrain [overrides]` (Hydra, configs/retrain.yaml).
 
 `retrain(cfg)` fine-tunes the registry's current model on the base training split plus
-the labeled uploads, evaluates the new and the current model on the same fixed split
+the labeled uploads. The base data is the data the current model was trained on: its
+bundle's recorded data config (kind, source, labels, mapping, folds), with this run's
+machine-local keys (cache, manifest, batching) and the operator's explicit `data.*`
+overrides on top (`data_from=config`, or a `data=...` choice, uses this run's data
+config instead). A model whose labels differ from what the data yields is another
+lineage: the retrain refuses it (train it with `faultsense-train`). It evaluates the new and the current model on the same fixed split
 (the test fold; the val fold when the test fold is absent, and the decision says so),
 registers the new version with `parent_version` = the current one, and promotes it only
 if it passes the gate (new macro F1 >= current macro F1 - `tolerance`; `force` overrides).
@@ -14,13 +19,13 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import CONFIG_DIR
 from .config import instantiate, plain, resolved_config, run_cli, utc_now
@@ -34,6 +39,13 @@ log = logging.getLogger(__name__)
 
 # The gate compares this metric, on the evaluation split (`test/...` or `val/...`).
 GATE_METRIC = "f1_macro"
+# Keys of the data config that say where this machine keeps things and how it batches,
+# not which data: a retrain takes them from its own config, everything else from the bundle.
+LOCAL_DATA_KEYS = (
+    "cache_dir", "manifest_path", "uploads_dir", "include_uploads", "aux_clips",
+    "batch_size", "eval_batch_size", "num_workers", "pin_memory", "persistent_workers",
+    "progress", "predict_files", "sample_rate", "clip_seconds",
+)  # fmt: skip
 
 
 class _Progress(L.Callback):
@@ -121,15 +133,17 @@ def gate(
     }
 
 
-def retrain(cfg: DictConfig) -> dict[str, Any]:
+def retrain(cfg: DictConfig, data_overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Fine-tune, evaluate, gate and register; returns {version, promoted, decision, metrics}.
 
+    `data_overrides` are the run's command-line overrides (the entry point passes Hydra's);
+    those of `data` win over the bundle's recorded data config (`base_data`).
     Writes `state: failed` with the error to the job status before re-raising.
     """
     status = JobStatus(cfg.get("job_dir"))
     status.update(state="running", stage="preparing", max_epochs=int(cfg.get("epochs", 0)))
     try:
-        result = _retrain(cfg, status)
+        result = _retrain(cfg, status, data_overrides)
     except BaseException as err:
         message = str(err) if isinstance(err, FaultSenseError) else f"{type(err).__name__}: {err}"
         status.update(state="failed", stage="failed", error=message)
@@ -146,14 +160,15 @@ def retrain(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def _retrain(cfg: DictConfig, status: JobStatus) -> dict[str, Any]:
+def _retrain(cfg: DictConfig, status: JobStatus, data_overrides: Sequence[str]) -> dict[str, Any]:
     """The steps: fine-tune the current model, evaluate both, gate, register."""
     epochs = _epochs(cfg)
     L.seed_everything(cfg.seed, workers=True)
     registry = Registry(cfg.paths.registry_dir)
     parent = registry.current()  # RegistryError when there is nothing to fine-tune
+    cfg, data_from = base_data(cfg, parent.meta, data_overrides)
     parent_net = parent.load_net()
-    log.info("Fine-tuning %s for %d epochs", parent.version, epochs)
+    log.info("Fine-tuning %s for %d epochs on data from %s", parent.version, epochs, data_from)
     datamodule = _datamodule(cfg, parent)
     net, meta = fine_tune(cfg, parent, parent_net, datamodule, status, epochs)
 
@@ -169,6 +184,8 @@ def _retrain(cfg: DictConfig, status: JobStatus) -> dict[str, Any]:
         current_version=registry.current_version(),
     )
     decision.update(_decision_context(cfg, datamodule, split, epochs))
+    decision["data"] = {"from": data_from, "kind": cfg.data.get("kind"),
+                        "source": cfg.data.get("source")}  # fmt: skip
 
     status.update(stage="registering")
     version = register(registry, net, meta, decision, datamodule, cfg)
@@ -205,10 +222,64 @@ def _datamodule(cfg: DictConfig, parent: Bundle) -> Any:
     )
     if list(datamodule.labels) != parent.labels:
         raise ModelError(
-            f"Model {parent.version} predicts {parent.labels} but the data has labels "
-            f"{datamodule.labels}; retrain from scratch with `faultsense-train` instead."
+            f"Model {parent.version} predicts {parent.labels} but the data yields the labels "
+            f"{datamodule.labels}: a model with another label set (or order) is a new "
+            f"lineage, not a fine-tune of {parent.version}. Train it with a full "
+            '`faultsense-train` (e.g. `make train ARGS="data=... data.source=..."`).'
         )
     return datamodule
+
+
+def base_data(
+    cfg: DictConfig, meta: Mapping[str, Any], overrides: Sequence[str] = ()
+) -> tuple[DictConfig, str]:
+    """(`cfg` with the data to fine-tune on, where it came from: "bundle" or "config").
+
+    The bundle's recorded `config.data` (the data the current model was trained on), with
+    this run's LOCAL_DATA_KEYS and the `data.*` values of `overrides` on top. This run's
+    own data config is kept with `data_from=config`, when `overrides` choose another data
+    config (`data=...`), or when the bundle records no data config.
+    """
+    recorded = (meta.get("config") or {}).get("data")
+    keys = _data_override_keys(overrides)
+    if cfg.get("data_from", "bundle") == "config" or keys is None or not recorded:
+        if not recorded:
+            log.warning("The current bundle records no data config: using this run's.")
+        return cfg, "config"
+    own = OmegaConf.to_container(cfg.data, resolve=False)
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.data = OmegaConf.create(recorded)
+        for key in LOCAL_DATA_KEYS:
+            if key in own:  # unresolved: `${.name}` then names the bundle's data
+                out.data[key] = own[key]
+        for key, delete in keys:
+            if delete:
+                parent_key, _, leaf = key.rpartition(".")
+                node = OmegaConf.select(out.data, parent_key) if parent_key else out.data
+                if isinstance(node, DictConfig) and leaf in node:
+                    node.pop(leaf)
+                continue
+            value = OmegaConf.select(cfg.data, key, throw_on_missing=False)
+            OmegaConf.update(out.data, key, plain(value), merge=False, force_add=True)
+    return out, "bundle"
+
+
+def _data_override_keys(overrides: Sequence[str]) -> list[tuple[str, bool]] | None:
+    """[(key under data, is a deletion)] of the `data.*` overrides; None when one chooses
+    another data config (`data=...`)."""
+    if not overrides:
+        return []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        name = override.key_or_group
+        if name == "data":
+            return None
+        if name.startswith("data."):
+            keys.append((name[len("data.") :], override.is_delete()))
+    return keys
 
 
 def fine_tune(
@@ -351,7 +422,10 @@ def _upload_counts(cfg: DictConfig) -> dict[str, int]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="retrain")
 def main(cfg: DictConfig) -> None:
     """`faultsense-retrain`: fine-tune, gate and (maybe) promote; prints the decision."""
-    result = run_cli("faultsense-retrain", retrain, cfg)
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task)
+    result = run_cli("faultsense-retrain", retrain, cfg, overrides)
     print(result["decision"]["reason"])
 
 
