@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -15,6 +14,7 @@ from faultsense.errors import ModelError
 from faultsense.models.hf_encoder import HFEncoder, transformer_layers
 from faultsense.models.net import build_net
 from tests.fixtures.data import compose_config
+from tests.test_models import few_steps_trainer
 
 SR = 16_000
 TINY = {
@@ -58,22 +58,17 @@ def _ast():
 def _whisper():
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
+    sizes = {"layers": 2, "attention_heads": 2, "ffn_dim": 48}
+    stacks = {f"{side}_{key}": n for side in ("encoder", "decoder") for key, n in sizes.items()}
+    tokens = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1}
     config = WhisperConfig(
         d_model=32,
-        encoder_layers=2,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=48,
-        decoder_ffn_dim=48,
+        **stacks,
         num_mel_bins=16,
         max_source_positions=50,  # 100 mel frames = 1 s (instead of Whisper's 30)
         max_target_positions=16,
         vocab_size=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
+        **tokens,
         suppress_tokens=[],
         begin_suppress_tokens=[],
     )
@@ -243,16 +238,7 @@ def test_hf_encoder_config_trains_a_step_through_lightning(arch, tiny_dirs, synt
         _recursive_=False,
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    trainer = L.Trainer(
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = few_steps_trainer(3)  # one epoch of the fixture's 48 clips: train/loss is logged
     trainer.fit(model, datamodule=dm)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     changed = {
