@@ -93,6 +93,20 @@ def _fmt_metrics(metrics: dict[str, Any]) -> str:
     )
 
 
+def model_rows(registry: Registry) -> list[dict[str, Any]]:
+    """`registry.list()` rows with each version's `backbone` (short class name from
+    `net_spec.backbone._target_`) and `labels` (its bundle's, in class order)."""
+    rows = registry.list()
+    for row in rows:
+        if "error" in row:
+            continue
+        meta = registry.get(row["version"]).meta
+        target = str(((meta.get("net_spec") or {}).get("backbone") or {}).get("_target_") or "?")
+        row["backbone"] = target.rsplit(".", 1)[-1]
+        row["labels"] = list(meta.get("labels") or [])
+    return rows
+
+
 def _models(args: argparse.Namespace) -> None:
     registry = Registry(args.registry)
     if args.action == "promote":
@@ -102,12 +116,12 @@ def _models(args: argparse.Namespace) -> None:
     elif args.json:
         doc = {
             "current": registry.current_version(),
-            "versions": registry.list(),
+            "versions": model_rows(registry),
             "history": registry.history(),
         }
         print(json.dumps(doc, indent=2))
     else:
-        rows = registry.list()
+        rows = model_rows(registry)
         if not rows:
             print(f"no models registered in {registry.root}")
             return
@@ -119,7 +133,8 @@ def _models(args: argparse.Namespace) -> None:
             parent = row.get("parent_version") or "-"
             print(
                 f"{mark} {row['version']:<5} {row.get('created_at') or '?':<26} "
-                f"parent {parent:<5} {_fmt_metrics(row.get('metrics') or {})}"
+                f"parent {parent:<5} {row['backbone']:<14} {len(row['labels'])} labels  "
+                f"{_fmt_metrics(row.get('metrics') or {})}"
             )
 
 

@@ -132,3 +132,27 @@ def test_console_script_uses_faultsense_root(trained_registry_copy, tmp_path):
     assert bad.returncode == 2
     assert "v5 is not registered" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_models_list_shows_each_versions_backbone_and_label_count(trained_registry_copy, capsys):
+    """Labels are data (issue 14): a version with other labels lists its own count."""
+    from faultsense.models.net import build_net
+
+    registry = Registry(trained_registry_copy)
+    v1 = registry.get("v1")
+    spec = {**v1.meta["net_spec"], "num_classes": 3}
+    labels = ["bearing_wear", "cavitation", "idle"]
+    meta = {"net_spec": spec, "labels": labels, "sample_rate": v1.sample_rate,
+            "clip_samples": v1.clip_samples}  # fmt: skip
+    v2 = registry.register(build_net(spec).eval(), meta, reason="other labels")
+    root = str(trained_registry_copy)
+
+    assert main(["models", "list", "--registry", root]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "FaultCNN" in lines[0] and "4 labels" in lines[0]
+    assert lines[1].startswith(f"  {v2}") and "FaultCNN" in lines[1] and "3 labels" in lines[1]
+
+    assert main(["models", "list", "--json", "--registry", root]) == 0
+    versions = json.loads(capsys.readouterr().out)["versions"]
+    assert [v["backbone"] for v in versions] == ["FaultCNN", "FaultCNN"]
+    assert versions[1]["labels"] == labels

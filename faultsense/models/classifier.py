@@ -26,11 +26,29 @@ from torchmetrics.classification import (
 from ..config import plain
 from ..errors import ConfigError
 from ..figures import confusion_figure, rgba_image
-from ..taxonomy import LABELS, NUM_LABELS
+from ..taxonomy import LABELS
 from .frontend import WaveAugment, mixup
 from .net import BACKBONES, FaultNet, Head, build_net  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
+
+
+def _labels_and_classes(labels: Any, num_classes: int | None) -> tuple[list[str], int]:
+    """(labels, num_classes) of a model: the labels given (num_classes defaults to their
+    count), else the ESC-50 mapping's default labels, which only fit a 4-class model.
+    ConfigError when they disagree."""
+    labels = [str(x) for x in plain(labels) or []]
+    if not labels:
+        if num_classes not in (None, len(LABELS)):
+            raise ConfigError(
+                f"num_classes={num_classes} needs its labels (the default ones are the "
+                f"{len(LABELS)} of the ESC-50 mapping): pass labels=[...]."
+            )
+        labels = list(LABELS)
+    num_classes = len(labels) if num_classes is None else int(num_classes)
+    if len(labels) != num_classes:
+        raise ConfigError(f"{len(labels)} labels given for num_classes={num_classes}.")
+    return labels, num_classes
 
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -83,7 +101,7 @@ class FaultClassifier(L.LightningModule):
     def __init__(
         self,
         net: Mapping[str, Any],
-        num_classes: int = NUM_LABELS,
+        num_classes: int | None = None,
         sample_rate: int = 16_000,
         clip_samples: int = 80_000,
         labels: list[str] | None = None,
@@ -97,6 +115,7 @@ class FaultClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         net = plain(net)
+        labels, num_classes = _labels_and_classes(labels, num_classes)
         self.net = build_net(
             {
                 **net,
@@ -105,9 +124,6 @@ class FaultClassifier(L.LightningModule):
                 "clip_samples": clip_samples,
             }
         )
-        labels = list(plain(labels) or LABELS[:num_classes])
-        if len(labels) != num_classes:
-            raise ConfigError(f"{len(labels)} labels given for num_classes={num_classes}.")
         augment = dict(plain(augment) or {})
         self.mixup_alpha = float(augment.pop("mixup_alpha", 0.0))
         self.mixup_p = float(augment.pop("mixup_p", 0.0))
