@@ -136,9 +136,11 @@ def cv_folds(overrides: list[str]) -> list[int]:
     single = [o.input_line for o in parsed if not o.is_sweep_override()]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=single)
-    from .data.datamodule import prepared_datamodule
+    from .data.datamodule import build_datamodule
 
-    datamodule = prepared_datamodule(cfg.data)
+    # Prepared, not set up: the configured val_fold (replaced per job) need not exist.
+    datamodule = build_datamodule(cfg.data)
+    datamodule.prepare_data()
     test_fold = cfg.data.get("test_fold")
     folds = [int(f) for f in datamodule.folds_present if f and f != test_fold]
     if len(folds) < 2:

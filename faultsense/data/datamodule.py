@@ -208,6 +208,8 @@ class FaultDataModule(LightningDataModule):
             return
         caches = self._caches(create=True)
         write_manifest([r for c in caches for r in c.rows], self.manifest_path)
+        # Known before setup(), whose val_fold must be one of them (faultsense-cv asks).
+        self.folds_present = sorted({r.fold for c in caches for r in c.rows if r.fold > 0})
         self._prepared = True
 
     def setup(self, stage: str | None = None) -> None:
