@@ -4,7 +4,8 @@ per listed clip -> manifest rows with folds, the label set (sorted) and stats.
 `LabeledFiles` collects entries (file, label, optional fold, group and segment), checks
 the text fields as it goes (a DataError names the file or line), and `finish` gives
 every row a fold: the data's own, or stratified group k-fold (`faultsense.data.splits`)
-where a group is the `group` given, else the `data.group_by` match, else the file.
+where a group is the `group` given, else the `data.group_by` match, else the file (so
+segments of one file always split together).
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ class LabeledFiles:
             raise DataError(f"{where}: duration 0 cuts an empty segment.")
         group = str(extra.get("group") or "").strip()
         group = group or recording_of(path.stem, self._pattern) or ""
+        if not group and (offset or length is not None):
+            group = self._default_id(path, 0.0, None)  # segments of one file split together
         clip_id = str(extra.get("id") or "").strip() or self._default_id(path, offset, length)
         if clip_id in self._ids:
             raise DataError(f"{where}: clip {clip_id!r} is listed twice.")
