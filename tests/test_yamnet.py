@@ -157,10 +157,11 @@ def test_one_training_step_through_lightning_with_the_yamnet_config(
     from faultsense.train import train
     from tests.fixtures.data import compose_config
 
-    overrides = [o for o in train_overrides(tmp_path, synthetic_source, data_cache_dir, epochs=1)]
+    overrides = train_overrides(tmp_path, synthetic_source, data_cache_dir, epochs=1)
     overrides.remove("experiment=smoke")
     overrides += [
         "data=synthetic",
+        "data.batch_size=4",  # YAMNet on a CPU: a few clips show the mechanics
         "model=yamnet",
         "trainer.accelerator=cpu",
         "+trainer.limit_train_batches=1",

@@ -75,8 +75,8 @@ class YamnetFrontend(nn.Module):
             raise ConfigError(f"patch_hop_s={patch_hop_s}: must be at least {HOP_S} s.")
         self.min_samples = int((PATCH_S + WINDOW_S - HOP_S) * SAMPLE_RATE)  # 15600
         self.hop_samples = int(patch_hop_s * SAMPLE_RATE)
-        periodic_hann = torch.hann_window(self.window, periodic=True)
-        self.register_buffer("hann", periodic_hann, persistent=False)
+        periodic_hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(self.window) / self.window)
+        self.register_buffer("hann", torch.from_numpy(periodic_hann).float(), persistent=False)
         mel = torch.from_numpy(mel_matrix(self.n_fft // 2 + 1))
         self.register_buffer("mel", mel, persistent=False)
 

@@ -131,7 +131,8 @@ def convert_variables(folder: str | Path) -> dict[str, torch.Tensor]:
         match = _TF_NAME.search(name)
         if match:
             grouped.setdefault(int(match[1]), {})[match[2]] = torch.from_numpy(array)
-    model = YAMNet()
+    with torch.device("meta"):  # names and shapes only: nothing allocated or initialised
+        model = YAMNet()
     owners = [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
     owners = [(n, m) for n, m in owners if list(m.parameters(recurse=False))]
     if sorted(grouped) != list(range(len(owners))):
@@ -154,7 +155,8 @@ def _check_fits(state: dict[str, torch.Tensor], where: str) -> None:
     """ModelError unless `state` has exactly YAMNet's tensor names and shapes."""
     from .yamnet import YAMNet
 
-    expected = {k: tuple(v.shape) for k, v in YAMNet().state_dict().items()}
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in YAMNet().state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != expected:
         wrong = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
