@@ -58,9 +58,10 @@ def write_recordings(
     return root
 
 
-def folder_overrides(tmp_path: Path, source: Path, *extra: str) -> list[str]:
+def folder_overrides(tmp_path: Path, source: Path, *extra: str, kind: str = "folder") -> list[str]:
+    """A data config of `kind` (folder or manifest) over `source`, 0.5 s clips, under tmp_path."""
     return [
-        "data=folder",
+        f"data={kind}",
         f"paths.root_dir={tmp_path}",
         f"data.source={source}",
         "data.clip_seconds=0.5",

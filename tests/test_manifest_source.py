@@ -21,7 +21,7 @@ from faultsense.data.manifest import ManifestRow
 from faultsense.data.manifest_file import ManifestFileSource
 from faultsense.errors import DataError
 from tests.fixtures.data import compose_config
-from tests.test_folder_source import OWN_LABELS, sound
+from tests.test_folder_source import OWN_LABELS, folder_overrides, sound
 
 SR = 16_000
 
@@ -56,17 +56,9 @@ def write_csv(path: Path, entries: list[dict]) -> Path:
 
 
 def manifest_overrides(tmp_path: Path, source: Path, *extra: str) -> list[str]:
-    return [
-        "data=manifest",
-        f"paths.root_dir={tmp_path}",
-        f"data.source={source}",
-        "data.clip_seconds=0.5",
-        "data.num_folds=2",
-        "data.val_fold=1",
-        "data.test_fold=null",
-        "data.progress=false",
-        *extra,
-    ]
+    """Two folds (val 1, no test): the manifests here list few recordings."""
+    folds = ["data.num_folds=2", "data.val_fold=1", "data.test_fold=null"]
+    return folder_overrides(tmp_path, source, *folds, *extra, kind="manifest")
 
 
 def test_the_cached_clip_is_the_decoded_segment(tmp_path: Path):

@@ -89,14 +89,7 @@ class FaultDataModule(LightningDataModule):
         **source_options: Any,
     ) -> None:
         super().__init__()
-        if val_fold == test_fold:
-            raise ConfigError(
-                f"data.val_fold and data.test_fold are both {val_fold}; pick two folds."
-            )
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}.")
-        if train_hop_seconds is not None and not train_hop_seconds > 0:
-            raise ConfigError(f"data.train_hop_seconds must be > 0, got {train_hop_seconds}.")
+        _check_settings(val_fold, test_fold, batch_size, train_hop_seconds)
         self.label_config = _label_config(labels)
         self.kind = str(kind)
         self.name = name or self.kind
@@ -338,6 +331,17 @@ def inverse_frequency_weights(counts: np.ndarray) -> list[float]:
     inv = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
     scale = (counts > 0).sum() / inv.sum() if inv.sum() > 0 else 0.0
     return [float(w) for w in inv * scale]
+
+
+def _check_settings(
+    val_fold: int, test_fold: int | None, batch_size: int, train_hop_seconds: float | None
+) -> None:
+    if val_fold == test_fold:
+        raise ConfigError(f"data.val_fold and data.test_fold are both {val_fold}; pick two folds.")
+    if batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}.")
+    if train_hop_seconds is not None and not train_hop_seconds > 0:
+        raise ConfigError(f"data.train_hop_seconds must be > 0, got {train_hop_seconds}.")
 
 
 def _label_config(labels: Sequence[str] | None) -> list[str] | None:

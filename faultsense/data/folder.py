@@ -19,44 +19,26 @@ from pathlib import Path
 
 from .. import audio
 from ..errors import DataError
-from .labeled import LabeledFiles, sorted_labels, source_path
+from .labeled import LabeledSource, source_path
 from .manifest import ManifestRow
-from .sources import SourceStats, register_source
+from .sources import register_source
 
 METADATA_FILE = "metadata.csv"
 
 
 @register_source("folder")
-class FolderSource:
+class FolderSource(LabeledSource):
     """The audio files under `source` as manifest rows labeled by folder (or metadata).
 
     `group_by`: regex naming a file's recording (first capture group); `num_folds`,
     `split_seed`: the group k-fold made when the data has no folds.
     """
 
-    mapping: dict | None = None  # labels come from the folders, not from a mapping
-
-    def __init__(
-        self,
-        source: str | Path | None = None,
-        *,
-        group_by: str | None = None,
-        num_folds: int = 5,
-        split_seed: int = 0,
-        skip_bad: bool = False,
-        progress: bool = True,
-    ) -> None:
-        self.source = source
-        self.group_by, self.num_folds, self.split_seed = group_by, num_folds, split_seed
-        self.skip_bad = bool(skip_bad)
-        self.labels: list[str] | None = None
-        self.stats: SourceStats | None = None
-
     def rows(self, *, create: bool) -> list[ManifestRow]:
         root = source_path(self.source, "folder", "DIR (a folder with one sub-folder per label)")
         if not root.is_dir():
             raise DataError(f"data.source={self.source} is not a folder (data=folder).")
-        files = LabeledFiles(root, "folder", self.group_by, self.skip_bad)
+        files = self.files(root, "folder")
         listed = read_metadata(root)
         for path in audio_files(root):
             rel = path.relative_to(root).as_posix()
@@ -71,9 +53,7 @@ class FolderSource:
             files.add(
                 root / rel, meta.get("label"), where, fold=meta.get("fold"), group=meta.get("group")
             )
-        rows, self.stats = files.finish(num_folds=self.num_folds, seed=self.split_seed)
-        self.labels = sorted_labels(rows)
-        return rows
+        return self.finish(files)
 
 
 def audio_files(root: Path) -> list[Path]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +78,7 @@ class LabeledFiles:
                 )
             self.skipped.append(str(path))
             return
-        fold = parse_number(extra.get("fold"), "fold", where, integer=True)
-        if fold == 0:
-            raise DataError(f"{where}: fold 0 is reserved for uploads; folds start at 1.")
-        offset = parse_number(extra.get("offset"), "offset", where) or 0.0
-        length = parse_number(extra.get("length"), "duration", where)
-        if length == 0:
-            raise DataError(f"{where}: duration 0 cuts an empty segment.")
+        fold, offset, length = _fold_and_segment(extra, where)
         group = str(extra.get("group") or "").strip()
         group = group or recording_of(path.stem, self._pattern) or ""
         if not group and (offset or length is not None):
@@ -93,20 +87,8 @@ class LabeledFiles:
         if clip_id in self._ids:
             raise DataError(f"{where}: clip {clip_id!r} is listed twice.")
         self._ids.add(clip_id)
-        self.rows.append(
-            ManifestRow(
-                clip_id,
-                str(path),
-                "",
-                label,
-                int(fold or 0),
-                self.source,
-                None,
-                group,
-                float(offset),
-                length,
-            )  # fmt: skip
-        )
+        row = ManifestRow(clip_id, str(path), "", label, fold, self.source)
+        self.rows.append(replace(row, group=group, offset=offset, length=length))
 
     def _default_id(self, path: Path, offset: float, length: float | None) -> str:
         rel = path.relative_to(self.root) if path.is_relative_to(self.root) else path
@@ -130,6 +112,50 @@ class LabeledFiles:
         return rows, stats
 
 
-def sorted_labels(rows: list[ManifestRow]) -> list[str]:
-    """The label set of `rows`, sorted (a source's labels when `data.labels` is not set)."""
-    return sorted({r.label for r in rows})
+def _fold_and_segment(extra: dict[str, Any], where: str) -> tuple[int, float, float | None]:
+    """(fold, 0 = none given; offset; length or None) from an entry's text fields."""
+    fold = parse_number(extra.get("fold"), "fold", where, integer=True)
+    if fold == 0:
+        raise DataError(f"{where}: fold 0 is reserved for uploads; folds start at 1.")
+    offset = parse_number(extra.get("offset"), "offset", where) or 0.0
+    length = parse_number(extra.get("length"), "duration", where)
+    if length == 0:
+        raise DataError(f"{where}: duration 0 cuts an empty segment.")
+    return int(fold or 0), float(offset), length
+
+
+class LabeledSource:
+    """Base of the user's own sources: their options, and `labels` (sorted) and `stats`
+    set by `finish` at the end of a subclass's `rows()`.
+
+    `group_by`: regex naming a file's recording (first capture group); `num_folds`,
+    `split_seed`: the stratified group k-fold made when the data has no folds.
+    """
+
+    mapping: dict | None = None  # the user's data names its labels: no mapping
+
+    def __init__(
+        self,
+        source: str | Path | None = None,
+        *,
+        group_by: str | None = None,
+        num_folds: int = 5,
+        split_seed: int = 0,
+        skip_bad: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.source = source
+        self.group_by, self.num_folds, self.split_seed = group_by, num_folds, split_seed
+        self.skip_bad = bool(skip_bad)
+        self.labels: list[str] | None = None
+        self.stats: SourceStats | None = None
+
+    def files(self, root: Path, source: str) -> LabeledFiles:
+        """An empty collection for this source's entries under `root`."""
+        return LabeledFiles(root, source, self.group_by, self.skip_bad)
+
+    def finish(self, files: LabeledFiles) -> list[ManifestRow]:
+        """The rows of `files` with folds; sets `labels` and `stats`."""
+        rows, self.stats = files.finish(num_folds=self.num_folds, seed=self.split_seed)
+        self.labels = sorted({r.label for r in rows})
+        return rows

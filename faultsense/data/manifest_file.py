@@ -19,44 +19,26 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .labeled import LabeledFiles, sorted_labels, source_path
+from .labeled import LabeledSource, source_path
 from .manifest import ManifestRow
-from .sources import SourceStats, register_source
+from .sources import register_source
 
 PATH_FIELDS = ("path", "audio_filepath", "wav", "file_name")
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
 @register_source("manifest")
-class ManifestFileSource:
+class ManifestFileSource(LabeledSource):
     """The clips listed in the manifest file `source` as manifest rows.
 
     `group_by`, `num_folds`, `split_seed`: as for `faultsense.data.folder.FolderSource`.
     """
 
-    mapping: dict | None = None  # labels come from the manifest
-
-    def __init__(
-        self,
-        source: str | Path | None = None,
-        *,
-        group_by: str | None = None,
-        num_folds: int = 5,
-        split_seed: int = 0,
-        skip_bad: bool = False,
-        progress: bool = True,
-    ) -> None:
-        self.source = source
-        self.group_by, self.num_folds, self.split_seed = group_by, num_folds, split_seed
-        self.skip_bad = bool(skip_bad)
-        self.labels: list[str] | None = None
-        self.stats: SourceStats | None = None
-
     def rows(self, *, create: bool) -> list[ManifestRow]:
         path = source_path(self.source, "manifest", "FILE (a .csv or .jsonl manifest)")
         if not path.is_file():
             raise DataError(f"data.source={self.source} is not a file (data=manifest).")
-        files = LabeledFiles(path.parent, "manifest", self.group_by, self.skip_bad)
+        files = self.files(path.parent, "manifest")
         for where, entry in read_entries(path):
             name = next((str(entry[k]) for k in PATH_FIELDS if entry.get(k) not in (None, "")), "")
             if not name.strip():
@@ -72,9 +54,8 @@ class ManifestFileSource:
                 length=entry.get("duration"),
                 id=entry.get("id") or entry.get("ID"),
             )
-        rows, self.stats = files.finish(num_folds=self.num_folds, seed=self.split_seed)
+        rows = self.finish(files)
         self.stats.root = path
-        self.labels = sorted_labels(rows)
         return rows
 
 
