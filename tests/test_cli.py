@@ -136,15 +136,10 @@ def test_console_script_uses_faultsense_root(trained_registry_copy, tmp_path):
 
 def test_models_list_shows_each_versions_backbone_and_label_count(trained_registry_copy, capsys):
     """Labels are data (issue 14): a version with other labels lists its own count."""
-    from faultsense.models.net import build_net
+    from tests.test_labels import OWN_LABELS as labels
+    from tests.test_labels import register_with_labels
 
-    registry = Registry(trained_registry_copy)
-    v1 = registry.get("v1")
-    spec = {**v1.meta["net_spec"], "num_classes": 3}
-    labels = ["bearing_wear", "cavitation", "idle"]
-    meta = {"net_spec": spec, "labels": labels, "sample_rate": v1.sample_rate,
-            "clip_samples": v1.clip_samples}  # fmt: skip
-    v2 = registry.register(build_net(spec).eval(), meta, reason="other labels")
+    v2 = register_with_labels(trained_registry_copy, labels)
     root = str(trained_registry_copy)
 
     assert main(["models", "list", "--registry", root]) == 0

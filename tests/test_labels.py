@@ -24,15 +24,16 @@ OWN_LABELS = ["bearing_wear", "cavitation", "idle"]
 
 
 def register_with_labels(registry_dir: Path, labels: list[str]) -> str:
-    """Register (unpromoted) a model with v1's architecture and `labels` (untrained: what
-    it predicts does not matter here, which labels it predicts does)."""
+    """Register (unpromoted) a model with v1's architecture, recorded config and `labels`
+    (untrained: what it predicts does not matter here, which labels it predicts does)."""
     from faultsense.models.net import build_net
 
     registry = Registry(registry_dir)
     v1 = registry.get("v1")
     spec = {**v1.meta["net_spec"], "num_classes": len(labels)}
     meta = {"net_spec": spec, "labels": labels, "sample_rate": v1.sample_rate,
-            "clip_samples": v1.clip_samples, "metrics": {}}  # fmt: skip
+            "clip_samples": v1.clip_samples, "metrics": {},
+            "config": v1.meta.get("config") or {}}  # fmt: skip
     return registry.register(build_net(spec).eval(), meta, reason="own labels")
 
 

@@ -17,6 +17,7 @@ from faultsense.registry import Registry
 from tests.fixtures.data import compose_config
 from tests.fixtures.model import train_overrides
 from tests.fixtures.server import start_server
+from tests.test_labels import register_with_labels
 
 RETRAIN_TIMEOUT_S = 300
 
@@ -72,31 +73,12 @@ def test_retrain_without_overrides_uses_the_bundles_local_data(
     assert v2.meta["parent_version"] == "v1"
 
 
-def add_three_label_model(registry_dir: Path, labels: list[str]) -> str:
-    """Register (unpromoted) an untrained model with other labels but v1's architecture
-    and recorded config: a model of another lineage than v1's data yields."""
-    from faultsense.models.net import build_net
-
-    registry = Registry(registry_dir)
-    v1 = registry.get("v1")
-    spec = {**v1.meta["net_spec"], "num_classes": len(labels)}
-    meta = {
-        "net_spec": spec,
-        "labels": labels,
-        "sample_rate": v1.sample_rate,
-        "clip_samples": v1.clip_samples,
-        "metrics": {},
-        "config": v1.meta.get("config") or {},
-    }
-    return registry.register(build_net(spec).eval(), meta, promote=False, reason="test")
-
-
 def test_a_model_with_another_label_set_is_not_fine_tuned(
     trained_registry_copy, tmp_path, synthetic_source, data_cache_dir
 ):
     from faultsense.retrain import retrain
 
-    version = add_three_label_model(trained_registry_copy, ["bearing_wear", "cavitation", "idle"])
+    version = register_with_labels(trained_registry_copy, ["bearing_wear", "cavitation", "idle"])
     Registry(trained_registry_copy).promote(version, "test")
     cfg = compose_config(
         "retrain",
