@@ -105,6 +105,7 @@ def report(summary: dict[str, Any]) -> str:
 
 def split_lines(table: SplitTable, width: int) -> list[str]:
     """The split table: clips (recordings) per label per split, then its warnings."""
+    width = max(width, len("clips (recordings)") + 2)
     lines = ["", "clips (recordings)".ljust(width) + "".join(s.rjust(14) for s in SPLITS)]
     for label in table.labels:
         cells = [f"{table.clips[label, s]} ({len(table.groups[label, s])})" for s in SPLITS]
