@@ -59,7 +59,7 @@ def app_context(cfg: DictConfig, labels: list[str]) -> AppContext:
 def starting_labels(cfg: DictConfig) -> list[str]:
     """The served model's labels as the app starts ([] when the server does not answer).
     They fill the first page's choices only: every page load asks again."""
-    client = ServerClient(str(cfg.server_url), None, float(cfg.request_timeout_s))
+    client = ServerClient(str(cfg.server_url), None, min(5.0, float(cfg.request_timeout_s)))
     try:
         return handlers.model_labels(client.status())
     except ServerError:
