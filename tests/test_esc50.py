@@ -66,7 +66,9 @@ def test_unmapped_drop_and_normal(synthetic_source: Path):
     ("mapping", "match"),
     [
         ({"classes": {"normal": ["dog"], "fluid_leak": ["dog"]}}, "dog.*both"),
-        ({"classes": {"broken": ["dog"]}}, "Unknown label 'broken'"),
+        ({"classes": {"no/slash": ["dog"]}}, "Invalid label 'no/slash'"),
+        ({"classes": {"aux": ["dog"]}}, "'aux' names what data.mapping.unmapped does"),
+        ({"classes": {"idle": ["dog"]}, "unmapped": "other"}, "other: \\[\\]"),
         ({"classes": {"normal": "dog"}}, "must be a list"),
         ({"classes": {"normal": ["dog"]}, "unmapped": "keep"}, "unmapped='keep'"),
         ({"classes": {}}, "mapping.classes is empty"),
@@ -75,6 +77,35 @@ def test_unmapped_drop_and_normal(synthetic_source: Path):
 def test_bad_mapping_is_a_config_error_naming_the_field(mapping, match):
     with pytest.raises(ConfigError, match=match):
         esc50.parse_mapping(mapping)
+
+
+def test_a_mapping_to_labels_of_its_own(tmp_path: Path, synthetic_overrides: list[str]):
+    """Any safe label names work: the DataModule learns the mapping's labels, in its order."""
+    from faultsense.data.datamodule import build_datamodule
+
+    classes = "{idle:[engine,vacuum_cleaner],cavitation:[water_drops,rain],bearing_wear:[chainsaw]}"
+    cfg = compose_config(
+        "prepare",
+        [
+            *synthetic_overrides,
+            "~data.mapping.classes",
+            f"+data.mapping.classes={classes}",
+            "data.mapping.unmapped=idle",  # one of its own labels
+        ],
+    )
+    dm = build_datamodule(cfg.data)
+    dm.prepare_data()
+    dm.setup()
+    per_category = SYNTH["clips_per_class"] * 3 // SYNTH["folds"]  # train folds 1-3
+    assert dm.labels == ["idle", "cavitation", "bearing_wear"]
+    # idle: engine, vacuum_cleaner and the unmapped hand_saw, crackling_fire, insects, dog
+    assert dm.class_counts == {
+        "idle": 6 * per_category,
+        "cavitation": 2 * per_category,
+        "bearing_wear": per_category,
+    }
+    mapping = esc50.parse_mapping(cfg.data.mapping)
+    assert mapping.label_for("dog") == "idle" and mapping.label_for("chainsaw") == "bearing_wear"
 
 
 # ---------------------------------------------------------------- meta and folds

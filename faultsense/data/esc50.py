@@ -26,7 +26,7 @@ from typing import Any
 from ..config import plain
 from ..errors import ConfigError, DataError, LabelError
 from ..fileio import sha256_file
-from ..taxonomy import LABELS, validate_label
+from ..taxonomy import check_label_name
 from .manifest import AUX_ONLY, ManifestRow
 from .sources import SourceStats, register_source
 
@@ -43,7 +43,8 @@ OFFICIAL_CLIPS = 2000
 
 @dataclass(frozen=True)
 class FaultMapping:
-    """ESC-50 category -> fault label. `unmapped` is "drop", "aux" or a label (e.g. "normal").
+    """ESC-50 category -> label (by default a fault label; any safe label name works).
+    `unmapped` is "drop", "aux" or one of the labels (e.g. "normal").
 
     "aux" keeps the unmapped clips without a fault label (`AUX_ONLY`): they train only a
     model's auxiliary ESC-50 category head (`model.aux_weight`), never the fault labels,
@@ -66,8 +67,14 @@ class FaultMapping:
                 lookup[category] = label
         object.__setattr__(self, "category_to_label", lookup)
 
+    @property
+    def labels(self) -> list[str]:
+        """The mapping's labels in the order of `classes` (the default: the four fault
+        labels of `faultsense.taxonomy`, in class order)."""
+        return list(self.classes)
+
     def label_for(self, category: str) -> str | None:
-        """The fault label of `category`, `AUX_ONLY` for an unmapped one under
+        """The label of `category`, `AUX_ONLY` for an unmapped one under
         `unmapped: aux`, or None when it is dropped."""
         label = self.category_to_label.get(category)
         if label is not None:
@@ -93,21 +100,25 @@ def parse_mapping(mapping: Mapping[str, Any] | FaultMapping | None) -> FaultMapp
     classes: dict[str, tuple[str, ...]] = {}
     for label, categories in dict(mapping["classes"]).items():
         try:
-            label = validate_label(label)
+            label = check_label_name(label)  # any safe name: the mapping's labels are its own
         except LabelError as err:
             raise ConfigError(f"data.mapping.classes: {err}") from None
+        if label in ("drop", "aux"):
+            raise ConfigError(
+                f"data.mapping.classes: {label!r} names what data.mapping.unmapped does with "
+                "unmapped clips; give the label another name."
+            )
         if isinstance(categories, str) or not isinstance(categories, Iterable):
             raise ConfigError(f"data.mapping.classes.{label} must be a list of ESC-50 categories.")
         classes[label] = tuple(str(c).strip() for c in categories)
     unmapped = str(mapping.get("unmapped", "drop")).strip()
-    if unmapped not in ("drop", "aux"):
-        try:
-            unmapped = validate_label(unmapped)
-        except LabelError:
-            raise ConfigError(
-                f"data.mapping.unmapped={unmapped!r}: expected 'drop', 'aux' or one of "
-                f"{', '.join(LABELS)}."
-            ) from None
+    # A label for the unmapped clips must be one of the mapping's, so a typo is caught.
+    if unmapped not in ("drop", "aux", *classes):
+        raise ConfigError(
+            f"data.mapping.unmapped={unmapped!r}: expected 'drop', 'aux' or one of the "
+            f"mapping's labels ({', '.join(classes)}); for a label of its own, list it in "
+            "data.mapping.classes with no categories (e.g. other: [])."
+        )
     return FaultMapping(classes=classes, unmapped=unmapped)
 
 
@@ -136,6 +147,7 @@ class ESC50Source:
         self.raw_dir = Path(raw_dir)
         self.fault_mapping = parse_mapping(plain(mapping))
         self.mapping: dict[str, Any] | None = self.fault_mapping.to_dict()
+        self.labels: list[str] = self.fault_mapping.labels
         self.download = dict(plain(download) or {})
         self.skip_bad, self.progress = bool(skip_bad), progress
         self.stats: SourceStats | None = None
