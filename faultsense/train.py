@@ -152,24 +152,34 @@ def train(cfg: DictConfig) -> TrainResult:
 
 
 def _data_and_model(cfg: DictConfig) -> tuple[Any, L.LightningModule]:
-    """The prepared datamodule and the configured model, sized to its labels and clips."""
+    """The prepared datamodule and the configured model, sized to its labels and clips;
+    with `embedding_cache` or `distill` set, the datamodule serves what the model trains on
+    (faultsense/distill.py: cached embeddings, or clips with a teacher's soft labels)."""
     from .data.datamodule import prepared_datamodule
 
     # Clips with no fault label only cost time for a model without a category head.
     no_aux = {} if cfg.model.get("aux_weight") else {"aux_clips": False}
     datamodule = prepared_datamodule(cfg.data, **no_aux)
-    class_weights = list(datamodule.class_weights) if cfg.get("class_weighted", True) else None
-    model = instantiate(
-        cfg.model,
+    model = build_model(cfg.model, datamodule, bool(cfg.get("class_weighted", True)))
+    if cfg.get("embedding_cache") or cfg.get("distill"):
+        from .distill import training_data
+
+        datamodule = training_data(cfg, datamodule, model)
+    return datamodule, model
+
+
+def build_model(model_cfg: Any, datamodule: Any, class_weighted: bool) -> L.LightningModule:
+    """A model config instantiated for a prepared datamodule's labels, clips and categories."""
+    return instantiate(
+        model_cfg,
         num_classes=len(datamodule.labels),
         labels=list(datamodule.labels),
         sample_rate=int(datamodule.sample_rate),
         clip_samples=int(datamodule.clip_samples),
-        class_weights=class_weights,
+        class_weights=list(datamodule.class_weights) if class_weighted else None,
         num_categories=len(datamodule.categories),
         _recursive_=False,
     )
-    return datamodule, model
 
 
 def _validate_best(

@@ -112,6 +112,7 @@ class FaultClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         num_categories: int = 0,
         aux_weight: float = 0.0,
+        distill: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         net = plain(net)
@@ -146,8 +147,14 @@ class FaultClassifier(L.LightningModule):
             "label_smoothing": float(label_smoothing),
             "num_categories": int(num_categories),
             "aux_weight": float(aux_weight),
+            # Knowledge distillation: {alpha, temperature} (faultsense/distill.py); training
+            # batches then carry the teacher's logits as a fourth tensor.
+            "distill": {k: float(v) for k, v in (plain(distill) or {}).items()} or None,
         }
         self.save_hyperparameters(hp)
+        # "wave" batches, or "embedding" batches of a frozen encoder's cached output
+        # (models/embeddings.py): set by the trainer's caller, never saved (serving = waves).
+        self.inputs = "wave"
         self.aux_head: Head | None = None
         if aux_weight > 0 and num_categories > 1:
             head_spec = dict(self.net.spec.get("head") or {})
@@ -197,33 +204,51 @@ class FaultClassifier(L.LightningModule):
             label_smoothing=self.hparams["label_smoothing"],
         )
 
-    def _embedding_loss(self, embedding: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Fault loss (+ aux_weight x category loss) for targets [B, 2] = (label, category)."""
-        loss = self._loss(self.net.head(embedding), targets[:, 0], self.class_weights)
+    def _embedding_loss(
+        self, embedding: torch.Tensor, targets: torch.Tensor, hard_weight: float = 1.0
+    ) -> torch.Tensor:
+        """hard_weight x fault loss + aux_weight x category loss, targets [B, 2] = (label,
+        category)."""
+        loss = hard_weight * self._loss(self.net.head(embedding), targets[:, 0], self.class_weights)
         if self.aux_head is not None:
             aux = self._loss(self.aux_head(embedding), targets[:, 1])
             loss = loss + self.hparams["aux_weight"] * aux
         return loss
 
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch's embedding: the net's on waves, the batch itself on cached embeddings."""
+        return x if self.inputs == "embedding" else self.net.embed(x)
+
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int):
-        wave, target, category = batch
+        x, target, category, *teacher = batch
         targets = torch.stack([target, category], dim=1)
-        wave = self.wave_augment(wave)
+        if self.inputs != "embedding":  # cached embeddings: mixup is their only augmentation
+            x = self.wave_augment(x)
+        perm, lam = None, 1.0
         if self.mixup_alpha > 0 and torch.rand(()) < self.mixup_p:
-            # one mixing draw for both targets; the loss is the mix of the two losses
-            wave, targets_a, targets_b, lam = mixup(wave, targets, self.mixup_alpha)
-            embedding = self.net.embed(wave)
-            loss = lam * self._embedding_loss(embedding, targets_a)
-            loss = loss + (1 - lam) * self._embedding_loss(embedding, targets_b)
-        else:
-            loss = self._embedding_loss(self.net.embed(wave), targets)
+            # one mixing draw for hard targets, categories and soft targets alike
+            x, _, perm, lam = mixup(x, torch.arange(len(x), device=x.device), self.mixup_alpha)
+        embedding = self._embed(x)
+        kd = self.hparams["distill"] if teacher else None
+        hard = float(kd["alpha"]) if kd else 1.0
+        loss = lam * self._embedding_loss(embedding, targets, hard)
+        if perm is not None:
+            loss = loss + (1 - lam) * self._embedding_loss(embedding, targets[perm], hard)
+        if kd:
+            from ..distill import kd_loss, soft_targets
+
+            probs = soft_targets(teacher[0], kd["temperature"])
+            if perm is not None:
+                probs = lam * probs + (1 - lam) * probs[perm]
+            kd_term = kd_loss(self.net.head(embedding), probs, kd["temperature"])
+            loss = loss + (1 - float(kd["alpha"])) * kd_term
         self.train_loss(loss.detach())
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def _eval_step(self, batch: tuple[torch.Tensor, ...], stage: str) -> None:
-        wave, target, _ = batch
-        logits = self.net(wave)
+        x, target, *_ = batch
+        logits = self.net.head(self._embed(x))
         loss_metric = self.val_loss if stage == "val" else self.test_loss
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         confmat = self.val_confmat if stage == "val" else self.test_confmat
