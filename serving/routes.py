@@ -1,5 +1,6 @@
 """The server's MLOps routes, one module-level function each, on one FastAPI `APIRouter`:
-status, models (list, promote, rollback), insights, uploads and retraining.
+status, models (list, promote, rollback), insights, uploads, retraining, and monitoring
+(`/metrics` for Prometheus, `/monitor` for the prediction log and drift).
 
 A route gets the server's shared state as a `ServerContext` (settings, registry, upload
 store, job runner, worker stats, API key) through `Depends(server_context)`; the server
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -38,6 +39,8 @@ from .http_helpers import (
 )
 from .insights import training_report
 from .jobs import JobBusyError, JobRunner
+from .metrics import StateCollector, exposition, metrics
+from .monitor import PredictionLog, cached_reference, drift_metrics, monitor_report
 from .settings import ServeSettings
 from .worker import (
     STAT_BATCHES,
@@ -69,6 +72,8 @@ class ServerContext:
     stats: SharedStats
     api_key: str | None
     handler: Any = None  # LitServe's request handler for /predict (serving/server.py)
+    monitor: PredictionLog | None = None  # the prediction log (serving/monitor.py)
+    protect_metrics: bool = False  # auth.protect_metrics: /metrics needs the API key
 
     def require_key(self, request: Request) -> None:
         """401/403 unless the request carries the API key (when one is configured)."""
@@ -135,6 +140,7 @@ async def promote(version: str, request: Request, ctx: Ctx) -> JSONResponse:
     ctx.require_key(request)
     known_version(ctx.registry, version)
     await run_in_threadpool(ctx.registry.promote, version, "promoted through the API")
+    metrics().model_switches.labels("promote").inc()
     return JSONResponse({"current": ctx.registry.current_version()})
 
 
@@ -153,6 +159,7 @@ async def rollback(request: Request, ctx: Ctx) -> JSONResponse:
     current = await run_in_threadpool(
         ctx.registry.rollback, body.version, "rolled back through the API"
     )
+    metrics().model_switches.labels("rollback").inc()
     return JSONResponse({"current": current})
 
 
@@ -167,6 +174,8 @@ async def upload(request: Request, ctx: Ctx) -> JSONResponse:
     bundle = await run_in_threadpool(ctx.registry.current)
     label, files = await upload_form(request, ctx.settings, bundle.labels, bundle.version)
     results = [await store_upload(ctx, f, label) for f in files]
+    for result in results:
+        metrics().uploads.labels(result["status"]).inc()
     counts = await run_in_threadpool(ctx.uploads.counts, bundle.labels)
     body = {"results": results, "counts": counts}
     if all(r["status"] == "rejected" for r in results):
@@ -207,6 +216,49 @@ async def retrain_job(job_id: str, ctx: Ctx) -> JSONResponse:
     if job is None:
         raise HTTPError(404, f"Unknown retraining job {display_name(job_id, 80)!r}.")
     return JSONResponse(job)
+
+
+# -- monitoring -------------------------------------------------------------------------
+
+
+@router.get("/metrics")
+async def prometheus_metrics(request: Request, ctx: Ctx) -> Response:
+    """Prometheus text: every API server's and worker's counters (multiprocess), the
+    current model version, retrain jobs and drift. Open like /health unless
+    `auth.protect_metrics`."""
+    if ctx.protect_metrics:
+        ctx.require_key(request)
+    plog = ctx.monitor
+    drift = (lambda: drift_metrics(plog.settings, *monitor_state(ctx))) if plog else None
+    collector = StateCollector(ctx.registry.current_version, ctx.jobs, extra=drift)
+    body, content_type = await run_in_threadpool(exposition, collector)
+    return Response(body, media_type=content_type)
+
+
+@router.get("/monitor")
+async def monitor(ctx: Ctx) -> JSONResponse:
+    """The prediction log's recent history and the current model's drift state."""
+    if ctx.monitor is None:
+        raise HTTPError(404, "Prediction monitoring is not configured on this server.")
+
+    def collect() -> dict[str, Any]:
+        settings = ctx.monitor.settings
+        bundle, records, reference = monitor_state(ctx, settings.history)
+        return monitor_report(records, bundle.version, bundle.labels, reference, settings)
+
+    return JSONResponse(await run_in_threadpool(collect))
+
+
+def monitor_state(ctx: ServerContext, limit: int | None = None) -> tuple[Any, list, dict]:
+    """The current bundle, the log's newest `limit` records (default: the drift window)
+    and the bundle's drift reference."""
+    bundle = ctx.registry.current()
+    if ctx.monitor is None:
+        return bundle, [], {}
+    ctx.monitor.flush()  # this process's own last predictions are in the answer
+    settings = ctx.monitor.settings
+    records = ctx.monitor.records(limit or settings.window * 4)
+    return bundle, records, cached_reference(str(ctx.settings.registry_dir), bundle.version)
 
 
 # -- helpers ----------------------------------------------------------------------------
