@@ -358,3 +358,67 @@ def test_handlers_answer_without_a_browser(app_server):
 
     status, rows, _ = handlers.upload(ctx, [str(clip)], None)  # no label chosen
     assert "Choose the label" in status and rows == []
+
+
+def _handler_context(app_server):
+    from faultsense.config import plain
+    from serving import handlers
+    from serving.client import ServerClient
+    from tests.fixtures.data import compose_config
+
+    return handlers.AppContext(
+        client=ServerClient(app_server["url"], app_server["api_key"]),
+        views=plain(compose_config("app").views),
+        example_dirs=[],
+    )
+
+
+def _lines(fig) -> dict[str, tuple[list[float], list[float]]]:
+    """{legend label: (x, y)} of every line drawn in a matplotlib Figure."""
+    return {
+        line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+        for ax in fig.axes
+        for line in ax.lines
+    }
+
+
+def test_insights_figures_hold_the_servers_report(app_server):
+    from serving import handlers
+    from tests.fixtures.model import SMOKE_EPOCHS
+
+    report = httpx.get(f"{app_server['url']}/insights", timeout=30).json()
+    out = handlers.insights(_handler_context(app_server), toast=False)
+    _, _, curves, confusion = out[:4]
+    # The curves figure draws every curve of the report, one point per epoch, same values.
+    drawn = _lines(curves)
+    assert set(drawn) == set(report["curves"]) >= {"train/loss", "val/loss", "val/f1_macro"}
+    for name, points in report["curves"].items():
+        assert drawn[name] == ([p[0] for p in points], [p[1] for p in points]), name
+    assert drawn["val/f1_macro"][0] == [float(e) for e in range(SMOKE_EPOCHS)]
+    # The confusion figure is the report's matrix: same cells, every evaluated clip once.
+    matrix = np.asarray(report["confusion_matrix"]["matrix"], dtype=float)
+    shown = np.asarray(confusion.axes[0].images[0].get_array())
+    np.testing.assert_array_equal(shown, matrix)
+    assert shown.sum() == sum(report["dataset"][report["confusion_matrix"]["split"]].values())
+
+
+def test_timeline_shows_the_servers_windows(app_server, tmp_path):
+    from serving import handlers
+
+    waves = [sf.read(app_server["clips"][label])[0] for label in LABELS]
+    rate = sf.info(app_server["clips"][LABELS[0]]).samplerate
+    long_clip = tmp_path / "shift.wav"
+    sf.write(long_clip, np.concatenate(waves * 2), rate, subtype="PCM_16")
+    with open(long_clip, "rb") as f:
+        direct = httpx.post(f"{app_server['url']}/predict", files={"file": f}, timeout=30).json()
+    _, _, _, timeline = handlers.predict(_handler_context(app_server), str(long_clip))
+    drawn = _lines(timeline["value"])
+    windows = direct["windows"]
+    assert len(windows) > 1 and set(drawn) == set(direct["probabilities"])
+    centres = [(w["start_s"] + w["end_s"]) / 2 for w in windows]
+    for label, (xs, ys) in drawn.items():
+        assert xs == pytest.approx(centres)
+        assert ys == pytest.approx([w["probabilities"][label] for w in windows], abs=1e-6)
+    # The top line in each window is the label the server gave that window.
+    top = [max(drawn, key=lambda lab, i=i: drawn[lab][1][i]) for i in range(len(windows))]
+    assert top == [w["label"] for w in windows]
