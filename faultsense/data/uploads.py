@@ -18,8 +18,10 @@ manifest rows with fold 0, so they join the training split only.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import logging
 import os
 import time
 from collections import Counter
@@ -34,6 +36,8 @@ from ..fileio import atomic_write, display_name
 from ..taxonomy import check_label_name, validate_label
 from .manifest import TRAIN_ONLY_FOLD, ManifestRow, write_csv
 from .sources import SourceStats, register_source
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.csv"
 UPLOAD_COLUMNS = ("sha256", "label", "path", "filename", "seconds", "created_at")
@@ -90,6 +94,7 @@ class UploadStore:
         seconds = round(len(wave) / SAMPLE_RATE, 3)
         self.root.mkdir(parents=True, exist_ok=True)
         with self._lock:
+            self._remove_stale_temporaries()
             rows = self.rows()
             for row in rows:
                 if row["sha256"] == digest:
@@ -128,6 +133,15 @@ class UploadStore:
         counted = Counter(r["label"] for r in self.rows())
         others = sorted(set(counted) - set(labels))
         return {label: counted.get(label, 0) for label in [*labels, *others]}
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete temp files a killed writer left (`.<name>.*.tmp`, see fileio.atomic_write).
+        Call with the lock held: every write happens under it, so any temp seen then is
+        from a process that died mid-write."""
+        for tmp in [*self.root.glob(".*.tmp"), *self.root.glob("*/.*.tmp")]:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                log.warning("Removed %s, left by an upload that was killed mid-write", tmp)
 
     def _write_rows(self, rows: list[dict[str, str]]) -> None:
         write_csv(self.manifest_path, UPLOAD_COLUMNS, rows)
