@@ -86,12 +86,14 @@ def metrics() -> Metrics:
         ),  # fmt: skip
         queue_wait=Histogram(
             "faultsense_predict_queue_wait_seconds",
-            "Time a /predict request waited for an inference worker (batch filling included).",
+            "Time a served /predict request waited in the queue for an inference worker.",
             buckets=LATENCY_BUCKETS,
         ),
         model_seconds=Histogram(
-            "faultsense_predict_model_seconds", "Model time of one batch.", buckets=LATENCY_BUCKETS
-        ),
+            "faultsense_predict_model_seconds",
+            "Model time of one batch (in a worker).",
+            buckets=LATENCY_BUCKETS,
+        ),  # fmt: skip
         batch_size=Histogram(
             "faultsense_predict_batch_size",
             "Requests per batch that reached the model.",
@@ -261,12 +263,6 @@ def record_decode_failure(message: str) -> None:
     metrics().decode_failures.labels(decode_reason(message)).inc()
 
 
-def record_queue_wait(enqueued_at: Any) -> None:
-    """A request's wait from the API server's enqueue (wall clock, same machine) to now."""
-    if isinstance(enqueued_at, float):
-        metrics().queue_wait.observe(max(0.0, time.time() - enqueued_at))
-
-
 def record_batch(served: int, seconds: float) -> None:
     """One batch that reached the model (in a worker): its size and model time."""
     m = metrics()
@@ -274,11 +270,14 @@ def record_batch(served: int, seconds: float) -> None:
     m.model_seconds.observe(seconds)
 
 
-def record_prediction(result: dict[str, Any]) -> None:
-    """One prediction served: its label, model version and confidence."""
+def record_prediction(result: dict[str, Any], stamps: dict[str, float]) -> None:
+    """One prediction served: its label, model version and confidence, and from the
+    worker's `stamps` (serving/worker.py STAMPS) its queue wait and its batch's model time."""
     m = metrics()
     m.predictions.labels(str(result.get("label")), str(result.get("version"))).inc()
     m.confidence.observe(float(result.get("confidence") or 0.0))
+    if stamps.get("submit") and stamps.get("got"):
+        m.queue_wait.observe(max(0.0, stamps["got"] - stamps["submit"]))
 
 
 def metrics_protected(cfg: Any) -> bool:

@@ -42,6 +42,7 @@ from faultsense.errors import ConfigError
 
 from .metrics import record_decode_failure, record_prediction
 from .settings import ServeSettings
+from .worker import STAMPS
 
 log = logging.getLogger("faultsense.serve")
 
@@ -246,6 +247,7 @@ def observe_predict(
     data: bytes,
     name: str,
     started: float,
+    stamps: Sequence[float] = (),
 ) -> None:
     """Count one /predict answer (a prediction, or why its audio was refused) and log the
     prediction. Never raises: monitoring must not fail a request."""
@@ -255,7 +257,7 @@ def observe_predict(
                 record_decode_failure(str(json.loads(body).get("error", "")))
             return
         result = json.loads(body)
-        record_prediction(result)
+        record_prediction(result, dict(zip(STAMPS, stamps, strict=False)))
         if plog is None:
             return
         source = request_source(request.headers.get(SOURCE_HEADER))
