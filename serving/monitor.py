@@ -42,7 +42,6 @@ from faultsense.errors import ConfigError
 
 from .metrics import record_decode_failure, record_prediction
 from .settings import ServeSettings
-from .worker import STAMPS
 
 log = logging.getLogger("faultsense.serve")
 
@@ -247,7 +246,7 @@ def observe_predict(
     data: bytes,
     name: str,
     started: float,
-    stamps: Sequence[float] = (),
+    stamps: Mapping[str, float] | None = None,
 ) -> None:
     """Count one /predict answer (a prediction, or why its audio was refused) and log the
     prediction. Never raises: monitoring must not fail a request."""
@@ -257,7 +256,7 @@ def observe_predict(
                 record_decode_failure(str(json.loads(body).get("error", "")))
             return
         result = json.loads(body)
-        record_prediction(result, dict(zip(STAMPS, stamps, strict=False)))
+        record_prediction(result, stamps or {})
         if plog is None:
             return
         source = request_source(request.headers.get(SOURCE_HEADER))
