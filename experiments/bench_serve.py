@@ -1,14 +1,19 @@
 """Serving benchmark: the FaultSense LitServe server vs a naive FastAPI baseline.
 
-Starts each server as a subprocess on 127.0.0.1 over the same registry, drives 5-s
+First the model-only limit: the Predictor alone (the serving fast path, batch 32) in one
+process per core, one torch thread each, all at once: the clips/s no server on this box
+can beat. Then it starts each server as a subprocess on 127.0.0.1 over the same registry, drives 5-s
 16 kHz WAV requests (raw `audio/wav` bodies) at several concurrency levels from one
 asyncio process (aiohttp: cheap per request, so the client leaves the cores to the
 server), and prints req/s, p50/p95/p99 latency and failures per level, then the
-throughput ratio. Asserts nothing.
+throughput ratio, the load average at each level, and (the server runs with
+`server.debug_timing=true`) where a FaultSense request's time went: the mean of each
+phase of its `x-faultsense-timing` header (serving/worker.py PHASES). Asserts nothing.
 
     python experiments/bench_serve.py                      # untrained default CNN, temp registry
     python experiments/bench_serve.py --registry models    # the current trained model
     python experiments/bench_serve.py --server-arg server.max_batch_size=16 --skip-naive
+    python experiments/bench_serve.py --accelerator cuda --concurrency 1 32 128
 
 Without --registry a default-config (untrained) FaultNet is registered in a temp
 registry: serving cost does not depend on the weights, and the bench then runs anywhere.
@@ -27,11 +32,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from serving.process import stop_group
 
+TIMING_HEADER = "x-faultsense-timing"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -120,6 +127,8 @@ async def drive(
     import aiohttp
 
     latencies: list[float] = []
+    spent: dict[str, float] = {}
+    timed = 0
     failures = 0
     sent = 0
     stop_at = time.perf_counter() + seconds
@@ -130,7 +139,7 @@ async def drive(
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def client() -> None:
-            nonlocal failures, sent
+            nonlocal failures, sent, timed
             while sent < requests and time.perf_counter() < stop_at:
                 body = bodies[sent % len(bodies)]
                 sent += 1
@@ -139,6 +148,7 @@ async def drive(
                     async with session.post(f"{url}/predict", data=body, headers=headers) as resp:
                         await resp.read()
                         ok = resp.status == 200
+                        timed += add_phases(spent, resp.headers.get(TIMING_HEADER))
                 except (aiohttp.ClientError, TimeoutError):
                     ok = False
                 latencies.append(time.perf_counter() - t0)
@@ -156,11 +166,28 @@ async def drive(
         "p95": float(np.percentile(lat, 95)),
         "p99": float(np.percentile(lat, 99)),
         "failures": failures,
+        "load": os.getloadavg()[0],
+        "phases": {k: v / timed for k, v in spent.items()} if timed else {},
     }
 
 
+def add_phases(spent: dict[str, float], header: str | None) -> int:
+    """Add one `x-faultsense-timing` header's phases (ms) to `spent`; 1 if it had any."""
+    if not header:
+        return 0
+    for part in header.split(","):
+        name, _, value = part.partition("=")
+        spent[name] = spent.get(name, 0.0) + float(value)
+    return 1
+
+
 def measure(
-    url: str, bodies: list[bytes], levels: list[int], requests: int, seconds: float
+    url: str,
+    bodies: list[bytes],
+    levels: list[int],
+    requests: int,
+    seconds: float,
+    warm: bool = True,
 ) -> list[dict]:
     try:
         import uvloop
@@ -168,24 +195,152 @@ def measure(
         uvloop.install()
     except ImportError:  # pragma: no cover
         pass
-    asyncio.run(drive(url, bodies, max(levels), min(4 * max(levels), requests), seconds))  # warm-up
+    if warm and levels:
+        asyncio.run(drive(url, bodies, max(levels), min(4 * max(levels), requests), seconds))
     return [asyncio.run(drive(url, bodies, c, requests, seconds)) for c in levels]
 
 
 def table(name: str, rows: list[dict]) -> str:
     lines = [
-        f"| {name} | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | failures |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {name} | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | failures | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| | {r['concurrency']} | {r['requests']} | {r['req_s']:.1f} | {r['p50']:.1f} | "
-            f"{r['p95']:.1f} | {r['p99']:.1f} | {r['failures']} |"
+            f"{r['p95']:.1f} | {r['p99']:.1f} | {r['failures']} | {r['load']:.1f} |"
         )
     return "\n".join(lines)
 
 
-def main() -> None:
+def phase_table(rows: list[dict]) -> str:
+    """Mean ms per phase of a FaultSense request, one row per concurrency level."""
+    names = list(next((r["phases"] for r in rows if r["phases"]), {}))
+    if not names:
+        return "(no x-faultsense-timing headers: server.debug_timing is off)"
+    lines = [
+        "| concurrency | " + " | ".join(names) + " | sum |",
+        "|---:|" + "---:|" * (len(names) + 1),
+    ]
+    for r in rows:
+        values = [r["phases"].get(n, 0.0) for n in names]
+        cells = " | ".join(f"{v:.2f}" for v in values)
+        lines.append(f"| {r['concurrency']} | {cells} | {sum(values):.2f} |")
+    return "\n".join(lines)
+
+
+# -- the model-only limit -----------------------------------------------------------------
+
+
+def _model_worker(registry: str, device: str, seconds: float, barrier: Any, out: Any) -> None:
+    """One process: the Predictor (one torch thread) on batches of 32 decoded 5-s clips,
+    timed for `seconds` once every process is warm; puts clips/s on `out`."""
+    import torch
+
+    from faultsense.inference import Predictor
+    from serving.worker import decode_audio
+
+    torch.set_num_threads(1)
+    predictor = Predictor.from_registry(registry, device=device)
+    clips = [
+        decode_audio(b, sample_rate=predictor.sample_rate, max_seconds=None, name="bench")
+        for b in wav_bodies(32)
+    ]
+    for _ in range(3):
+        predictor.predict(clips)
+    barrier.wait()
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        predictor.predict(clips)
+        done += len(clips)
+    out.put(done / (time.perf_counter() - started))
+
+
+def model_only(registry: Path, device: str, processes: int, seconds: float) -> list[float]:
+    """clips/s of each of `processes` Predictor processes running at once."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(processes), ctx.Queue()
+    procs = [
+        ctx.Process(target=_model_worker, args=(str(registry), device, seconds, barrier, out))
+        for _ in range(processes)
+    ]
+    for proc in procs:
+        proc.start()
+    rates = [out.get(timeout=300) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return rates
+
+
+# -- profiling ----------------------------------------------------------------------------
+
+
+def profile(pids: dict[int, str], py_spy: str, seconds: float, work: Path) -> list:
+    """Start `py-spy record` (raw collapsed stacks) on each pid; returns the running jobs."""
+    jobs = []
+    for pid, name in pids.items():
+        raw = work / f"profile-{pid}.txt"
+        argv = [py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds))]
+        argv += ["--format", "raw", "--nonblocking", "--output", str(raw)]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        jobs.append((proc, raw, f"{name} (pid {pid})"))
+    return jobs
+
+
+def flame_summary(raw: Path, top: int = 12) -> str:
+    """The frames with the largest share of a py-spy raw profile: self (the innermost
+    frame of a sample) and inclusive (anywhere on its stack), as text lines."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames, n = stack.split(";"), int(count)
+        total += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            incl[frame] = incl.get(frame, 0) + n
+    if not total:
+        return "  (no samples)"
+    lines = [f"  {total} samples; self share:"]
+    for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"    {100 * n / total:5.1f}%  {frame}")
+    lines.append("  inclusive share (project and LitServe frames):")
+    mine = [
+        kv
+        for kv in incl.items()
+        if any(k in kv[0] for k in ("serving/", "faultsense/", "litserve/"))
+    ]
+    for frame, n in sorted(mine, key=lambda kv: -kv[1])[:top]:
+        lines.append(f"    {100 * n / total:5.1f}%  {frame}")
+    return "\n".join(lines)
+
+
+def server_pids(proc: subprocess.Popen) -> dict[int, str]:
+    """The server's processes worth profiling, by pid: the uvicorn API servers and the
+    inference workers (psutil names them by their command line)."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "resource_tracker" in cmd:
+            continue
+        found[child.pid] = "spawned child" if "multiprocessing" in cmd else "forked child"
+    return found
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--registry", type=Path, help="registry dir (default: temp, untrained model)"
@@ -196,58 +351,93 @@ def main() -> None:
     parser.add_argument(
         "--server-arg", action="append", default=[], help="Hydra override for faultsense-serve"
     )
+    parser.add_argument(
+        "--accelerator", default="cpu", help="server.accelerator (cpu, cuda, auto); the "
+        "naive server and the model-only limit use the same device",
+    )  # fmt: skip
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument(
         "--naive-threads", type=int, default=0, help="torch threads in the baseline (0: default)"
     )
     parser.add_argument("--skip-server", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--skip-model", action="store_true", help="no model-only limit")
+    parser.add_argument("--model-seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--py-spy", help="path to py-spy: profile the server's processes during the last level"
+    )
+    return parser.parse_args()
 
+
+def run_faultsense(args: argparse.Namespace, registry: Path, work: Path, env: dict) -> list:
+    """FaultSense at each level (debug timing on), then its batching counters and, with
+    --py-spy, a profile of each process taken during the last level."""
+    import httpx
+
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "serving.server", f"port={port}", f"paths.registry_dir={registry}",
+        f"jobs_dir={work / 'jobs'}", f"server.accelerator={args.accelerator}",
+        "server.debug_timing=true", *args.server_arg,
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    bodies = wav_bodies(8)
+    with running(argv, url, env, work / "server.log") as proc:
+        rows = measure(url, bodies, args.concurrency[:-1], args.requests, args.seconds)
+        jobs = profile(server_pids(proc), args.py_spy, args.seconds, work) if args.py_spy else []
+        rows += measure(url, bodies, args.concurrency[-1:], args.requests, args.seconds, warm=False)
+        for job, _, _ in jobs:
+            job.wait(timeout=args.seconds + 60)
+        serving = httpx.get(f"{url}/status", timeout=10).json()["serving"]
+    print(table("FaultSense (LitServe)", rows))
+    print(f"server batching: {serving}\n")
+    print("Where a FaultSense request's time goes (mean ms per phase, x-faultsense-timing):")
+    print(phase_table(rows) + "\n")
+    for _, raw, name in jobs:
+        if raw.exists():
+            print(f"py-spy, {name}, concurrency {args.concurrency[-1]}:")
+            print(flame_summary(raw) + "\n")
+    return rows
+
+
+def run_naive(args: argparse.Namespace, registry: Path, work: Path, env: dict) -> list:
+    port = free_port()
+    device = "cuda" if args.accelerator == "cuda" else "cpu"
+    argv = [
+        sys.executable, str(ROOT / "experiments" / "naive_server.py"), "--registry", str(registry),
+        "--port", str(port), "--threads", str(args.naive_threads), "--device", device,
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with running(argv, url, env, work / "naive.log"):
+        rows = measure(url, wav_bodies(8), args.concurrency, args.requests, args.seconds)
+    print(table("naive FastAPI", rows))
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="faultsense-bench-"))
     try:
         registry = (
             args.registry.resolve() if args.registry else build_untrained_registry(work / "models")
         )
-        bodies = wav_bodies(8)
         env = {**os.environ, "FAULTSENSE_ROOT": str(work), "PYTHONUNBUFFERED": "1"}
         env.pop("FAULTSENSE_API_KEY", None)
-        results: dict[str, list[dict]] = {}
-
-        if not args.skip_server:
-            port = free_port()
-            argv = [
-                sys.executable, "-m", "serving.server", f"port={port}",
-                f"paths.registry_dir={registry}", f"jobs_dir={work / 'jobs'}", *args.server_arg,
-            ]  # fmt: skip
-            url = f"http://127.0.0.1:{port}"
-            with running(argv, url, env, work / "server.log"):
-                results["litserve"] = measure(
-                    url, bodies, args.concurrency, args.requests, args.seconds
-                )
-                import httpx
-
-                serving = httpx.get(f"{url}/status", timeout=10).json()["serving"]
-            print(table("FaultSense (LitServe)", results["litserve"]))
-            print(f"server batching: {serving}\n")
-
-        if not args.skip_naive:
-            port = free_port()
-            argv = [
-                sys.executable, str(ROOT / "experiments" / "naive_server.py"),
-                "--registry", str(registry), "--port", str(port), "--threads", str(args.naive_threads),
-            ]  # fmt: skip
-            url = f"http://127.0.0.1:{port}"
-            with running(argv, url, env, work / "naive.log"):
-                results["naive"] = measure(
-                    url, bodies, args.concurrency, args.requests, args.seconds
-                )
-            print(table("naive FastAPI", results["naive"]))
-
-        if "litserve" in results and "naive" in results:
+        if not args.skip_model:
+            device = "cuda:0" if args.accelerator == "cuda" else "cpu"
+            procs = 1 if device != "cpu" else os.cpu_count() or 1
+            rates = model_only(registry, device, procs, args.model_seconds)
+            print(
+                f"model-only limit (Predictor, batch 32, {procs} process(es) x 1 torch thread "
+                f"on {device}, load {os.getloadavg()[0]:.1f}): {sum(rates):.0f} clips/s "
+                f"({', '.join(f'{r:.0f}' for r in rates)})\n"
+            )
+        ours = [] if args.skip_server else run_faultsense(args, registry, work, env)
+        naive = [] if args.skip_naive else run_naive(args, registry, work, env)
+        if ours and naive:
             print()
-            for ours, base in zip(results["litserve"], results["naive"], strict=True):
+            for mine, base in zip(ours, naive, strict=True):
                 print(
-                    f"concurrency {ours['concurrency']:>3}: {ours['req_s'] / base['req_s']:.2f}x "
+                    f"concurrency {mine['concurrency']:>3}: {mine['req_s'] / base['req_s']:.2f}x "
                     f"the naive baseline's throughput"
                 )
     finally:

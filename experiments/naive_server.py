@@ -23,9 +23,9 @@ from faultsense.errors import FaultSenseError
 from faultsense.registry import Registry
 
 
-def build_app(registry_dir: str) -> FastAPI:
+def build_app(registry_dir: str, device: str = "cpu") -> FastAPI:
     bundle = Registry(registry_dir).current()
-    net = bundle.load_net()
+    net = bundle.load_net().to(device).eval()
     labels, rate, clip = bundle.labels, bundle.sample_rate, bundle.clip_samples
     app = FastAPI()
 
@@ -46,7 +46,8 @@ def build_app(registry_dir: str) -> FastAPI:
             return JSONResponse({"error": str(err)}, status_code=422)
         windows = sliding_windows(wave, clip, clip // 2)
         with torch.no_grad():
-            probs = torch.softmax(net(torch.from_numpy(windows)), dim=-1).mean(0).numpy()
+            logits = net(torch.from_numpy(windows).to(device))
+            probs = torch.softmax(logits, dim=-1).mean(0).cpu().numpy()
         best = int(np.argmax(probs))
         return JSONResponse(
             {
@@ -67,11 +68,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     uvicorn.run(
-        build_app(args.registry),
+        build_app(args.registry, args.device),
         host=args.host,
         port=args.port,
         log_level="warning",

@@ -30,10 +30,11 @@ class ServeSettings:
     num_api_servers: int = 2
     torch_threads: int = 1
     max_batch_size: int = 32
-    batch_timeout: float = 0.005
+    batch_timeout: float = 0.0
     request_timeout: float = 60.0
     reload_check_s: float = 0.0
     restart_workers: bool = True
+    debug_timing: bool = False
     max_request_bytes: int = 25 * 2**20
     max_upload_request_bytes: int = 100 * 2**20
     max_predict_seconds: float = 600.0
@@ -71,6 +72,7 @@ class ServeSettings:
             request_timeout=float(s["request_timeout"]),
             reload_check_s=float(s["reload_check_s"]),
             restart_workers=bool(s.get("restart_workers", True)),
+            debug_timing=bool(s.get("debug_timing", False)),
             max_request_bytes=int(lim["max_request_bytes"]),
             max_upload_request_bytes=int(lim["max_upload_request_bytes"]),
             max_predict_seconds=float(lim["max_predict_seconds"]),

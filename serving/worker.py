@@ -8,6 +8,12 @@ between batches, so a promote or rollback takes effect on the next batch with no
 request. Bad input never poisons a batch: a request whose audio cannot be decoded is
 answered with a 4xx while the others in its batch are served.
 
+Batching (`DrainingBatchLoop`): a free worker takes the first queued request and
+everything queued behind it (up to `max_batch_size`) without waiting for more, so a
+request that arrives alone is served at once and batches grow with the load. Each
+request carries `time.perf_counter` stamps (one system-wide clock on Linux) through every
+stage; `/predict` can return them as a debug header (`server.debug_timing`).
+
 Torch is imported in `setup` only: the HTTP processes import this module too.
 """
 
@@ -16,19 +22,23 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import struct
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from queue import Empty
+from typing import Any
 
 import litserve as ls
+import numpy as np
+from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
+from litserve.loops.simple_loops import BatchedLoop
+from litserve.utils import LitAPIStatus, LoopResponseType
 
 from faultsense.errors import FaultSenseError
 
 from .http_helpers import dumps, error_status
+from .metrics import record_batch
 from .settings import ServeSettings
-
-if TYPE_CHECKING:
-    import numpy as np
 
 log = logging.getLogger("faultsense.serve")
 
@@ -96,15 +106,111 @@ class Rejected:
     message: str
 
 
+# The stages a request's stamps name, in order (`Job.stamps`; perf_counter seconds).
+# submit: the HTTP process queued it; got: a worker took it off the queue; decode0/1:
+# its audio decoded; model0/1: its batch through the Predictor; encoded: its JSON ready.
+STAMPS = ("submit", "got", "decode0", "decode1", "model0", "model1", "encoded")
+
+
+# The phases of a request's time `phases` reports (ms), in the order they happen.
+PHASES = ("read", "queue", "wait", "decode", "batch", "model", "encode", "back")
+
+
+def phases(arrived: float, read: float, stamps: tuple[float, ...], back: float) -> dict:
+    """A request's time by phase in ms, from the HTTP process's stamps (arrived at the
+    route, body read, answer back) and the worker's STAMPS: read the body, queue (to a
+    worker), wait (for the requests taken before it to decode), decode, batch (the rest
+    of its batch decoding), model, encode (its and earlier answers' JSON), back (to the
+    HTTP process)."""
+    s = dict(zip(STAMPS, stamps, strict=True))
+    edges = (
+        arrived, read, s["got"], s["decode0"], s["decode1"], s["model0"], s["model1"],
+        s["encoded"], back,
+    )  # fmt: skip
+    return {
+        name: round(1000 * (end - start), 3)
+        for name, start, end in zip(PHASES, edges[:-1], edges[1:], strict=True)
+    }
+
+
+@dataclass
+class Job:
+    """One request inside a worker: its clip (or why it was refused), then its result,
+    and the moment it passed each stage."""
+
+    clip: Any  # np.ndarray | Rejected
+    stamps: dict[str, float] = field(default_factory=dict)
+    result: Any = None  # dict | Rejected, set by predict
+
+
+class DrainingBatchLoop(BatchedLoop):
+    """LitServe's batched loop, with batches made by draining the queue: block for the
+    first request, then take what is already queued behind it (up to max_batch_size),
+    waiting `batch_timeout` more only when it is > 0. LitServe's own collation polls the
+    queue every 1 ms for the whole `batch_timeout`, so a lone request always waited it
+    out, and an idle worker kept the queue's manager process busy."""
+
+    def get_batch_requests(self, lit_api: Any, request_queue: Any, transport: Any) -> tuple:
+        items = drain_queue(request_queue, lit_api.max_batch_size, lit_api.batch_timeout)
+        payloads, timed_out = [], []
+        apply_timeout = lit_api.request_timeout not in (-1, False)
+        for item, got in items:
+            if item == _SENTINEL_VALUE:
+                raise _StopLoopError()
+            response_queue_id, uid, timestamp, x_enc = item
+            # START tells the HTTP process which worker holds the request (LitServe uses
+            # it to fail the in-flight requests of a worker that died).
+            self.put_response(
+                transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR
+            )
+            if apply_timeout and time.monotonic() - timestamp > lit_api.request_timeout:
+                timed_out.append((response_queue_id, uid))
+                continue
+            if isinstance(x_enc, dict):
+                x_enc["t_got"] = got
+            payloads.append((response_queue_id, uid, x_enc))
+        return payloads, timed_out
+
+
+# How long an idle worker blocks on the queue before looking again (stop signals).
+IDLE_WAIT_S = 1.0
+
+
+def drain_queue(queue: Any, max_items: int, extra_wait: float) -> list[tuple[Any, float]]:
+    """(item, perf_counter when taken) for the first item of `queue` (waiting up to
+    IDLE_WAIT_S; [] when none came) and those queued behind it, up to `max_items`;
+    waits up to `extra_wait` seconds for more once the queue is empty."""
+    try:
+        items = [(queue.get(timeout=IDLE_WAIT_S), time.perf_counter())]
+    except Empty:
+        return []
+    deadline = time.perf_counter() + max(0.0, extra_wait)
+    while len(items) < max_items:
+        try:
+            item = queue.get_nowait()
+        except Empty:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            try:
+                item = queue.get(timeout=left)
+            except Empty:
+                break
+        items.append((item, time.perf_counter()))
+    return items
+
+
 class FaultSenseAPI(ls.LitAPI):
     """LitAPI over the Predictor. Payload (built by the /predict route):
-    `{"audio": bytes, "name": str}` -> `(status, json_bytes)`."""
+    `{"audio": bytes, "name": str, "t_submit": perf_counter}` -> `(status, json_bytes,
+    stamps)`, stamps as in STAMPS."""
 
     def __init__(self, settings: ServeSettings, stats: SharedStats | None = None) -> None:
         super().__init__(
             max_batch_size=settings.max_batch_size,
             batch_timeout=settings.batch_timeout,
             api_path="/predict",
+            loop=DrainingBatchLoop() if settings.max_batch_size > 1 else "auto",
         )
         self.settings = settings
         # The server attaches the stats once LitServe has resolved the devices (one slot
@@ -113,7 +219,6 @@ class FaultSenseAPI(ls.LitAPI):
         self._next_check = 0.0
 
     def setup(self, device: Any) -> None:
-        import numpy as np
         import torch
 
         from faultsense.inference import Predictor
@@ -135,48 +240,63 @@ class FaultSenseAPI(ls.LitAPI):
         self.stats.set_device(worker_id, self.predictor.device)
         log.info("Worker ready on %s with model %s", self.predictor.device, self.predictor.version)
 
-    def decode_request(self, request: dict) -> np.ndarray | Rejected:
-        from faultsense.audio import decode
-
+    def decode_request(self, request: dict) -> Job:
+        t0 = time.perf_counter()
+        stamps = {"submit": request.get("t_submit", t0), "got": request.get("t_got", t0)}
+        stamps["decode0"] = t0
         try:
-            return decode(
+            clip: Any = decode_audio(
                 request["audio"],
                 sample_rate=self.predictor.sample_rate,
                 max_seconds=self.settings.max_predict_seconds,
                 name=request.get("name") or "audio",
             )
         except FaultSenseError as err:
-            return Rejected(error_status(err), str(err))
+            clip = Rejected(error_status(err), str(err))
+        stamps["decode1"] = time.perf_counter()
+        return Job(clip, stamps)
 
     def batch(self, inputs: list) -> list:
         return list(inputs)
 
     def predict(self, x: Any) -> Any:
         single = not isinstance(x, list)
-        items = [x] if single else x
+        jobs: list[Job] = [x] if single else x
         self._maybe_reload()
-        good = [i for i, item in enumerate(items) if not isinstance(item, Rejected)]
-        outputs: list[Any] = list(items)
+        good = [job for job in jobs if not isinstance(job.clip, Rejected)]
+        for job in jobs:
+            job.result = job.clip if isinstance(job.clip, Rejected) else None
+        t0 = time.perf_counter()
         if good:
             try:
-                results = self.predictor.predict([items[i] for i in good])
+                results = self.predictor.predict([job.clip for job in good])
             except Exception:
                 # Isolate the culprit instead of failing everyone in the batch.
-                results = [self._predict_one(items[i]) for i in good]
-            for i, result in zip(good, results, strict=True):
+                results = [self._predict_one(job.clip) for job in good]
+            for job, result in zip(good, results, strict=True):
                 if isinstance(result, dict):
                     result["batch_size"] = len(good)
-                outputs[i] = result
-        self.stats.record_batch(len(items), len(good))
-        return outputs[0] if single else outputs
+                job.result = result
+        t1 = time.perf_counter()
+        for job in jobs:
+            job.stamps["model0"], job.stamps["model1"] = t0, t1
+            job.clip = None  # the waveform is not needed past the model
+        self.stats.record_batch(len(jobs), len(good))
+        if good:
+            record_batch(len(good), t1 - t0)  # Prometheus (serving/metrics.py)
+        return jobs[0] if single else jobs
 
     def unbatch(self, output: list) -> list:
         return output
 
-    def encode_response(self, output: Any) -> tuple[int, bytes]:
-        if isinstance(output, Rejected):
-            return output.status, dumps({"error": output.message})
-        return 200, dumps(output)
+    def encode_response(self, output: Job) -> tuple[int, bytes, tuple[float, ...]]:
+        result = output.result
+        if isinstance(result, Rejected):
+            status, body = result.status, dumps({"error": result.message})
+        else:
+            status, body = 200, dumps(result)
+        output.stamps["encoded"] = time.perf_counter()
+        return status, body, tuple(output.stamps.get(k, 0.0) for k in STAMPS)
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
@@ -198,6 +318,72 @@ class FaultSenseAPI(ls.LitAPI):
         except Exception:
             log.exception("Prediction failed")
             return Rejected(500, "Internal error while predicting; the server log has details.")
+
+
+# -- decoding ----------------------------------------------------------------------------
+
+# The WAV header fields the fast path reads ("fmt " chunk): format tag, channels, rate,
+# byte rate, block align, bits per sample.
+_FMT = struct.Struct("<HHIIHH")
+_WAVE_PCM = 1
+# libsndfile's int16 -> float32 scale: the fast path must give the same samples.
+_PCM16_SCALE = 1.0 / 32768.0
+
+
+def decode_audio(
+    data: bytes, *, sample_rate: int, max_seconds: float | None, name: str
+) -> np.ndarray:
+    """`faultsense.audio.decode` with a fast path for what clients send most: a 16-bit
+    PCM WAV at the model rate is read straight from the bytes (~0.1 ms for 5 s instead
+    of ~0.6 ms through libsndfile), with the same checks and the same samples. Anything
+    else (other formats, rates, a header it does not fully understand) goes to decode."""
+    from faultsense.audio import SILENCE_PEAK, decode
+
+    wave = _pcm16_wav(data, sample_rate)
+    if wave is None:
+        return decode(data, sample_rate=sample_rate, max_seconds=max_seconds, name=name)
+    from faultsense.errors import AudioError
+
+    what = name
+    channels = wave.shape[1]
+    if max_seconds is not None and wave.shape[0] >= int(max_seconds * sample_rate) + 1:
+        raise AudioError(
+            f"{what} is longer than the limit of {max_seconds:g} s; trim it or split it into clips."
+        )
+    if wave.shape[0] == 0:
+        raise AudioError(f"{what} contains no audio samples.")
+    mono = wave.mean(axis=1, dtype=np.float32) if channels > 1 else wave[:, 0]
+    mono = np.ascontiguousarray(mono, dtype=np.float32)
+    mono *= _PCM16_SCALE
+    if float(np.abs(mono).max()) < SILENCE_PEAK:
+        raise AudioError(f"{what} is silent (every sample is zero).")
+    return mono
+
+
+def _pcm16_wav(data: bytes, sample_rate: int) -> np.ndarray | None:
+    """The int16 frames [T, channels] of a plain 16-bit PCM WAV at `sample_rate` whose
+    chunks are all consistent; None for anything else (the caller falls back)."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    fmt, pos = None, 12
+    while pos + 8 <= len(data):
+        chunk, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        body = pos + 8
+        if chunk == b"fmt " and size >= _FMT.size and body + size <= len(data):
+            fmt = _FMT.unpack_from(data, body)
+        elif chunk == b"data":
+            if fmt is None or body + size != len(data):
+                return None  # a data chunk before fmt, truncated, or trailing chunks
+            tag, channels, rate, _, align, bits = fmt
+            if tag != _WAVE_PCM or bits != 16 or rate != sample_rate or channels < 1:
+                return None
+            if align != 2 * channels or size % align:
+                return None
+            return np.frombuffer(data, dtype="<i2", count=size // 2, offset=body).reshape(
+                -1, channels
+            )
+        pos = body + size + (size & 1)
+    return None
 
 
 def torch_device(device: Any) -> str:
