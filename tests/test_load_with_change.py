@@ -2,8 +2,10 @@
 version, and a rollback follows — no request fails, and every answer names a version
 that was current while the request was in flight.
 
-The test watches registry.json every 20 ms to timestamp each change of `current` (the
-retrain job promotes on its own; the rollback is timed around its HTTP call). A worker
+A thread of its own (not the event loop that runs the clients, which load can delay)
+watches registry.json every 5 ms and dates each change of `current` to the poll before
+it saw the change, the earliest moment it can have happened (the retrain job promotes on
+its own; the rollback is timed around its HTTP call). A worker
 looks for a new current version at most every `server.reload_check_s` before a batch, so
 an answer may name the version that was current up to that long before it was sent.
 """
@@ -11,6 +13,7 @@ an answer may name the version that was current up to that long before it was se
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -52,12 +55,16 @@ class Timeline:
         return seen
 
 
-async def watch_registry(root: Path, timeline: Timeline, stop: asyncio.Event) -> None:
+def watch_registry(root: Path, timeline: Timeline, stop: threading.Event) -> None:
     registry = Registry(root)
+    last_poll = time.monotonic()
     while not stop.is_set():
         # registry.json is replaced atomically: a read never sees half a file.
-        timeline.note(time.monotonic(), registry.current_version())
-        await asyncio.sleep(0.02)
+        version = registry.current_version()
+        now = time.monotonic()
+        timeline.note(last_poll if timeline.changes else now, version)
+        last_poll = now
+        stop.wait(0.005)
 
 
 async def predict_loop(
@@ -91,10 +98,14 @@ async def campaign(server) -> tuple[list, Timeline, dict[str, float]]:
     clips = [hostile.valid_wav(1.0, seed=s) for s in range(16)]
     timeline, results, marks = Timeline(), [], {}
     stop = asyncio.Event()
+    watching = threading.Event()
+    watcher = threading.Thread(
+        target=watch_registry, args=(server.registry_dir, timeline, watching), daemon=True
+    )
+    watcher.start()
     limits = httpx.Limits(max_connections=CONCURRENCY + 2)
     async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT, limits=limits) as client:
         admin = {"X-API-Key": server.api_key}
-        watcher = asyncio.create_task(watch_registry(server.registry_dir, timeline, stop))
         loops = [
             asyncio.create_task(predict_loop(client, clips, results, stop, n))
             for n in range(CONCURRENCY)
@@ -126,7 +137,9 @@ async def campaign(server) -> tuple[list, Timeline, dict[str, float]]:
         assert resp.status_code == 200 and resp.json()["current"] == "v1", resp.text
         await asyncio.sleep(3.0)
         stop.set()
-        await asyncio.gather(*loops, watcher)
+        await asyncio.gather(*loops)
+    watching.set()
+    watcher.join()
     marks["new_version"] = new
     return results, timeline, marks
 
