@@ -51,6 +51,12 @@ def test_gate_refuses_then_force_promotes_then_pass_promotes(
     assert decision["parent_version"] == "v1" and decision["split"] == "test"
     assert "kept v1" in decision["reason"]
     assert set(decision["new_metrics"]) >= {"test/f1_macro", "val/f1_macro"}
+    # The current model is measured now on the same split it was scored on when it was
+    # registered: the same clips, the same model, the same number.
+    parent = registry.get("v1").metrics
+    assert decision["current_metrics"]["test/f1_macro"] == pytest.approx(
+        parent["test/f1_macro"], abs=1e-6
+    )
     bundle = registry.get("v2")
     assert bundle.meta["parent_version"] == "v1"
     assert bundle.meta["retrain"]["promoted"] is False
@@ -77,6 +83,10 @@ def test_gate_refuses_then_force_promotes_then_pass_promotes(
     assert passed["promoted"] is True and passed["decision"]["forced"] is False
     assert registry.current_version() == passed["version"] == "v4"
     assert registry.get("v4").meta["parent_version"] == "v3"
+    stored_v3 = registry.get("v3").metrics["test/f1_macro"]
+    assert passed["decision"]["current_metrics"]["test/f1_macro"] == pytest.approx(
+        stored_v3, abs=1e-6
+    )
 
 
 def test_retrain_without_a_current_model_fails_clearly(tmp_path, synthetic_source, data_cache_dir):
