@@ -142,7 +142,7 @@ class PredictionLog:
             if size and size + len(data) > self.settings.max_bytes:
                 self._rotate()
                 size = 0
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 if size and os.pread(fd, 1, size - 1) != b"\n":  # after a torn line
                     data = b"\n" + data
@@ -274,7 +274,11 @@ def reference_for(meta: Mapping[str, Any]) -> dict[str, Any]:
     """The drift reference of a bundle (`bundle.json`): `{source, labels: {label: share},
     confidence: [share per bin] | None}`; `labels` is None when nothing is recorded."""
     labels = list(meta.get("labels") or [])
-    run_dir = (meta.get("training_log") or {}).get("run_dir")
+    config = meta.get("config") or {}
+    # Where the training run wrote metrics.json (as the Insights report finds it).
+    run_dir = (meta.get("training_log") or {}).get("run_dir") or (
+        (config.get("paths") or {}).get("output_dir")
+    )
     summary = _read_json(Path(run_dir) / "metrics.json") if run_dir else {}
     confidence = (summary.get("confidence_histogram") or {}).get("val")
     matrix = (summary.get("confusion") or {}).get("val")
@@ -283,7 +287,7 @@ def reference_for(meta: Mapping[str, Any]) -> dict[str, Any]:
         return _reference(
             "val predictions (confusion matrix columns)", labels, predicted, confidence
         )
-    data = (meta.get("config") or {}).get("data") or {}
+    data = config.get("data") or {}
     manifest = data.get("manifest_path")
     if manifest and Path(manifest).is_file():
         from .insights import class_distribution
