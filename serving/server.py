@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,21 @@ from .http_helpers import (
     error_status,
     read_audio,
 )
+from .metrics import (
+    RequestMetricsMiddleware,
+    cleanup_multiprocess,
+    metrics_protected,
+    record_decode_failure,
+    setup_multiprocess,
+)
+from .monitor import MonitorSettings, PredictionLog, observe_predict
 from .routes import ServerContext, router, server_context
 from .settings import ServeSettings, serve_settings
-from .worker import FaultSenseAPI, SharedStats
+from .worker import STAMPS, FaultSenseAPI, Payload, SharedStats, phases
+
+# With server.debug_timing: each /predict answer says where its time went, in ms
+# ("read=0.1,queue=0.4,...": serving/worker.py PHASES; experiments/bench_serve.py sums them).
+TIMING_HEADER = "x-faultsense-timing"
 
 log = logging.getLogger("faultsense.serve")
 
@@ -89,13 +102,17 @@ def build_server(cfg: Any) -> ls.LitServer:
                     "limits": {"/upload": settings.max_upload_request_bytes},
                     "default": settings.max_request_bytes,
                 },
-            )
+            ),
+            # Last = outermost: it also counts what the body limit refuses.
+            (RequestMetricsMiddleware, {}),
         ],
     )
     # One device slot per worker: LitServe runs workers_per_device workers on each device
     # it resolved ("auto" included). The workers start in run(), so they get these stats.
     api.stats = SharedStats(len(server.devices) * settings.workers_per_device)
     ctx = _context(settings, registry, api.stats, RegularRequestHandler(api, server))
+    ctx.monitor = PredictionLog(MonitorSettings.from_cfg(cfg, settings))
+    ctx.protect_metrics = metrics_protected(cfg)
     _install(server.app, ctx)
     return server
 
@@ -150,11 +167,30 @@ async def predict(request: Request) -> Response:
     ctx = server_context(request)
     if ctx.settings.protect_predict:
         ctx.require_key(request)
+    started = time.perf_counter()
     data, name = await read_audio(request, ctx.settings.max_filename_chars)
     if not data:
+        record_decode_failure("is empty")
         raise HTTPError(422, f"{name} is empty (0 bytes).")
-    status, body = await ctx.handler.handle_request({"audio": data, "name": name}, dict)
-    return Response(body, status_code=status, media_type="application/json")
+    read = time.perf_counter()
+    payload = Payload(audio=data, name=name, t_submit=read)
+    status, body, stamps = await ctx.handler.handle_request(payload, dict)
+    # Metrics and the prediction log (serving/monitor.py); never fails the request.
+    observe_predict(
+        ctx.monitor,
+        request,
+        status,
+        body,
+        data=data,
+        name=name,
+        started=started,
+        stamps=dict(zip(STAMPS, stamps, strict=True)),
+    )
+    headers = None
+    if ctx.settings.debug_timing:  # where this request's time went (serving/worker.py PHASES)
+        spent = phases(started, read, stamps, time.perf_counter())
+        headers = {TIMING_HEADER: ",".join(f"{k}={v}" for k, v in spent.items())}
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 # -- errors: always {"error": ...}, never a traceback --------------------------------------
@@ -184,7 +220,9 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def serve(cfg: Any) -> None:
     """Build and run the server (serve config or ServeSettings) until interrupted."""
     settings = serve_settings(cfg)
-    server = build_server(settings)
+    # Before any process that counts starts (the API servers fork, the workers spawn).
+    metrics_dir = setup_multiprocess()
+    server = build_server(cfg)
     key_note = (
         "API key required for mutating routes"
         if os.environ.get(settings.api_key_env)
@@ -192,14 +230,17 @@ def serve(cfg: Any) -> None:
     )
     log.warning("FaultSense serving on http://%s:%d (%s)", settings.host, settings.port, key_note)
     _stop_on_sigterm()
-    server.run(
-        host=settings.host,
-        port=settings.port,
-        num_api_servers=settings.num_api_servers,
-        log_level=settings.log_level,
-        generate_client_file=False,
-        access_log=settings.access_log,
-    )
+    try:
+        server.run(
+            host=settings.host,
+            port=settings.port,
+            num_api_servers=settings.num_api_servers,
+            log_level=settings.log_level,
+            generate_client_file=False,
+            access_log=settings.access_log,
+        )
+    finally:
+        cleanup_multiprocess(metrics_dir)
 
 
 def _stop_on_sigterm() -> None:
