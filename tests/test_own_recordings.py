@@ -154,6 +154,8 @@ def check_app(server: LiveServer, page, tmp_path: Path) -> None:  # noqa: F811
         prediction = page.locator("#prediction").filter(has_text=re.compile("confidence"))
         prediction.wait_for()
         assert prediction.inner_text().split()[0] in OWN_LABELS, prediction.inner_text()
+        probabilities = page.locator("#probabilities").inner_text()
+        assert all(label in probabilities for label in OWN_LABELS), probabilities
         shown = page.locator("body").inner_text()
         assert not any(label in shown for label in FAULT_LABELS), shown
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
