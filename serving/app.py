@@ -1,4 +1,4 @@
-"""FaultSense web app (Gradio 6): predict, upload, retrain, models, insights.
+"""FaultSense web app (Gradio 6): predict, upload, retrain, models, insights, monitor.
 
 The app is a client of the FaultSense server: every prediction, upload, retrain and
 model switch is an HTTP call (`serving/client.py`); it never imports the model or torch.
@@ -211,6 +211,20 @@ def insights_tab(ctx: AppContext) -> tuple[list[Any], list[Any], list[Any]]:
     return outputs, texts, rows
 
 
+def monitor_tab(ctx: AppContext) -> list[Any]:
+    """The Monitor tab: drift state, predictions over time, confidence (filled on load)."""
+    status = gr.Markdown(elem_id="monitor-status")
+    refresh_btn = gr.Button("Refresh", elem_id="monitor-refresh")
+    figure = gr.Plot(label="Predictions over time and confidence", elem_id="monitor-plot")
+    rows = gr.Dataframe(
+        headers=["label", "recent predictions", "share"], label="Recent predictions per label",
+        interactive=False, elem_id="monitor-labels",
+    )  # fmt: skip
+    outputs = [status, figure, rows]
+    refresh_btn.click(partial(handlers.monitor, ctx), None, outputs, api_name="monitor")
+    return outputs
+
+
 def build_app(cfg: DictConfig) -> gr.Blocks:
     """The Gradio Blocks app for `cfg` (configs/app.yaml); `launch_app` serves it. The
     model's labels are asked from the server on every page load, never fixed here."""
@@ -230,6 +244,8 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
                 models_outputs = models_tab(ctx)
             with gr.Tab("Insights", id="insights"):
                 insights_outputs, example_texts, example_rows = insights_tab(ctx)
+            with gr.Tab("Monitor", id="monitor"):
+                monitor_outputs = monitor_tab(ctx)
         app.load(
             partial(handlers.on_load, ctx),
             None,
@@ -243,6 +259,12 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
             insights_outputs,
             api_visibility="private",
         ).then(handlers.shown_slots, example_texts, example_rows, api_visibility="private")
+        app.load(
+            partial(handlers.monitor, ctx, toast=False),
+            None,
+            monitor_outputs,
+            api_visibility="private",
+        )
     return app
 
 

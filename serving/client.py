@@ -10,6 +10,9 @@ from typing import Any
 
 from faultsense.errors import FaultSenseError
 
+# The server's prediction log records where a prediction came from.
+SOURCE_HEADER = {"X-FaultSense-Source": "app"}
+
 
 class ServerError(FaultSenseError):
     """The FaultSense server refused a request; `str()` says what and what to do next.
@@ -71,7 +74,9 @@ class ServerClient:
     def predict(self, path: str | Path) -> dict[str, Any]:
         path = Path(path)
         with open(path, "rb") as f:
-            return self._request("POST", "/predict", files={"file": (path.name, f)})
+            return self._request(
+                "POST", "/predict", files={"file": (path.name, f)}, headers=SOURCE_HEADER
+            )
 
     def upload(self, paths: Sequence[str | Path], label: str) -> dict[str, Any]:
         files = [("files", (Path(p).name, Path(p).read_bytes())) for p in paths]
@@ -96,6 +101,10 @@ class ServerClient:
         return self._request(
             "POST", "/models/rollback", json={"version": version} if version else {}
         )
+
+    def monitor(self) -> dict[str, Any]:
+        """The prediction log's recent history and the drift state (GET /monitor)."""
+        return self._request("GET", "/monitor")
 
     def insights(self) -> dict[str, Any] | None:
         """The current model's training report, or None when the server has no such route."""

@@ -46,6 +46,7 @@ from .views import (
     distribution_figure,
     find_examples,
     load_clip,
+    monitor_figure,
     timeline_figure,
 )
 
@@ -342,3 +343,40 @@ def on_load(ctx: AppContext) -> tuple[Any, ...]:
     except ServerError:
         status = None
     return (*models, *status_view(status))
+
+
+# -- Monitor ---------------------------------------------------------------------------
+
+
+def monitor(ctx: AppContext, toast: bool = True) -> tuple[Any, ...]:
+    """The Monitor tab: the drift state (Markdown), the figure (predictions over time,
+    confidence), and the recent label counts against the reference as table rows."""
+    try:
+        report = ctx.client.monitor()
+    except ServerError as err:
+        return warn(err, toast), None, []
+    return monitor_markdown(report), monitor_figure(report), monitor_rows(report)
+
+
+def monitor_markdown(report: dict[str, Any]) -> str:
+    """The drift state first (what an operator acts on), then how it was measured."""
+    d = report.get("drift") or {}
+    low = report.get("low_confidence") or {}
+    state = d.get("state", "unknown")
+    badge = "🔴 **drifting: true**" if d.get("drifting") else f"🟢 **drifting: false** ({state})"
+    score = "n/a" if d.get("score") is None else f"{d['score']:.3f}"
+    return (
+        f"### {badge}\n"
+        f"Model **{report.get('version')}**: PSI {score} (threshold {d.get('threshold')}) over "
+        f"its last {d.get('predictions', 0)} predictions (window {d.get('window')}, judged from "
+        f"{d.get('min_predictions')}); reference: {d.get('reference') or 'none recorded'}.  \n"
+        f"Low confidence (< {low.get('threshold')}): **{100 * float(low.get('share') or 0):.1f}%** "
+        f"({low.get('count', 0)}). Log records read: {report.get('records', 0)}."
+    )
+
+
+def monitor_rows(report: dict[str, Any]) -> list[list[Any]]:
+    """[label, recent predictions, share] per label of the served model."""
+    counts = (report.get("recent") or {}).get("labels") or {}
+    n = sum(counts.values())
+    return [[label, c, f"{100 * c / n:.1f}%" if n else "-"] for label, c in counts.items()]

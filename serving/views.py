@@ -226,6 +226,41 @@ def distribution_figure(
     return fig
 
 
+def monitor_figure(report: Mapping[str, Any]) -> Figure:
+    """The /monitor report drawn: predictions per label over time (left) and the recent
+    confidence distribution with the low-confidence threshold (right)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3), layout="constrained")
+    ax_time, ax_conf = fig.subplots(1, 2, width_ratios=[2, 1])
+    timeline = report.get("timeline") or {}
+    counts = timeline.get("counts") or {}
+    colors = label_colors(list(counts))
+    x = np.arange(len(timeline.get("start") or []))
+    bottom = np.zeros(len(x))
+    for label, values in counts.items():
+        if len(values) == len(x) and any(values):
+            ax_time.bar(x, values, bottom=bottom, label=label, color=colors[label])
+            bottom += np.asarray(values, dtype=float)
+    ticks = x[:: max(1, len(x) // 6)]
+    ax_time.set_xticks(ticks, [str(timeline["start"][i])[5:16] for i in ticks], fontsize=7)
+    ax_time.set_ylabel(f"predictions / {timeline.get('bucket_s') or '?'} s")
+    ax_time.set_title("predictions over time (UTC)", fontsize=10)
+    if counts:
+        ax_time.legend(fontsize=7)
+    confidence = report.get("confidence") or {}
+    edges, hist = confidence.get("bins") or [0.0, 1.0], confidence.get("counts") or [0]
+    ax_conf.bar(edges[:-1], hist, width=np.diff(edges), align="edge", color="#4c72b0")
+    threshold = (report.get("low_confidence") or {}).get("threshold")
+    if threshold is not None:
+        ax_conf.axvline(threshold, color="#c44e52", ls="--", label="low-confidence threshold")
+        ax_conf.legend(fontsize=7)
+    ax_conf.set_xlim(0, 1)
+    ax_conf.set_xlabel("confidence")
+    ax_conf.set_title(f"confidence, model {report.get('version')}", fontsize=10)
+    return fig
+
+
 def curves_figure(curves: Mapping[str, Sequence[Any]]) -> Figure:
     """Loss curves (left) and score curves (right) per epoch."""
     from matplotlib.figure import Figure

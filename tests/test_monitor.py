@@ -193,3 +193,29 @@ def test_every_prediction_is_logged_with_its_audio_when_asked(server, synthetic_
     assert last["version"] == "v1" and last["probabilities"] == answer["probabilities"]
     assert last["duration_s"] == answer["duration_s"] and last["latency_s"] > 0
     assert (log_dir / last["audio"]).read_bytes() == clip
+
+
+def test_app_predictions_are_marked_and_the_monitor_tab_shows_the_state(server, synthetic_source):
+    """The app's client sends its source header; the Monitor handler (no browser) renders
+    the drift state, the figure and the per-label rows."""
+    from serving.client import ServerClient
+    from serving.handlers import AppContext, monitor
+
+    clip = (
+        synthetic_source
+        / "audio"
+        / sorted(p.name for p in (synthetic_source / "audio").iterdir())[0]
+    )
+    ctx = AppContext(client=ServerClient(server.url, server.api_key), views={}, example_dirs=[])
+    before = ctx.client.monitor()["recent"]["sources"]["app"]
+    ctx.client.predict(clip)
+    deadline = time.monotonic() + 30  # the answering API server's writer thread
+    while (
+        ctx.client.monitor()["recent"]["sources"]["app"] == before and time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    assert ctx.client.monitor()["recent"]["sources"]["app"] == before + 1
+    markdown, figure, rows = monitor(ctx, toast=False)
+    assert "drifting:" in markdown and "PSI" in markdown, markdown
+    assert figure is not None and len(figure.axes) == 2
+    assert [row[0] for row in rows] == ctx.client.monitor()["labels"]
