@@ -363,7 +363,7 @@ def monitor_markdown(report: dict[str, Any]) -> str:
     d = report.get("drift") or {}
     low = report.get("low_confidence") or {}
     state = d.get("state", "unknown")
-    badge = "🔴 **drifting: true**" if d.get("drifting") else f"🟢 **drifting: false** ({state})"
+    badge = "**drifting: true**" if d.get("drifting") else f"drifting: false ({state})"
     score = "n/a" if d.get("score") is None else f"{d['score']:.3f}"
     return (
         f"### {badge}\n"

@@ -361,6 +361,9 @@ def drift(
     if not ref_labels:
         out["state"] = "no reference"
         return out
+    if not recent:
+        out["state"] = "warming up"
+        return out
     labels = list(ref_labels)
     counts = [sum(1 for r in recent if r.get("label") == label) for label in labels]
     out["label_psi"] = round(psi([ref_labels[x] for x in labels], counts), 4)

@@ -93,6 +93,7 @@ def test_browser_predicts_an_uploaded_clip_and_shows_every_tab(app_server, page,
             ("Retrain", "#retrain-button"),
             ("Models", "#models-status"),
             ("Insights", "#insights-status"),
+            ("Monitor", "#monitor-refresh"),
         ):
             page.get_by_role("tab", name=tab).click()
             page.locator(ready).wait_for(state="visible")
@@ -112,7 +113,17 @@ def test_browser_predicts_an_uploaded_clip_and_shows_every_tab(app_server, page,
                 page.locator("#insights-curves img").wait_for()
                 notes = page.locator("#insights-status").inner_text()
                 assert "No curves" not in notes, notes
+            if tab == "Monitor":
+                # The page loaded before the prediction: Refresh shows it, sent by the app.
+                page.locator("#monitor-refresh").click()
+                status = page.locator("#monitor-status")
+                status.filter(has_text=re.compile(r"Log records read: [1-9]")).wait_for()
+                assert "drifting: false" in status.inner_text()
+                page.locator("#monitor-labels").get_by_text("fluid_leak").filter(
+                    visible=True
+                ).first.wait_for()
+                page.locator("#monitor-plot img").wait_for()
             page.screenshot(path=SCREENSHOTS / f"{tab.lower()}.png", full_page=True)
 
-    for name in ("predict", "upload", "retrain", "models", "insights"):
+    for name in ("predict", "upload", "retrain", "models", "insights", "monitor"):
         assert (SCREENSHOTS / f"{name}.png").stat().st_size > 10_000

@@ -76,6 +76,7 @@ def test_drift_needs_a_full_window_and_a_reference():
     s = MonitorSettings(log_dir=".", window=WINDOW, min_predictions=WINDOW, psi_threshold=0.25)
     reference = {"source": "val predictions", "labels": {"a": 0.5, "b": 0.5}, "confidence": None}
     one_label = [_record(i, "a") for i in range(WINDOW)]
+    assert drift([], reference, s)["label_psi"] is None
     assert drift(one_label[:4], reference, s)["state"] == "warming up"
     state = drift(one_label, reference, s)
     assert state["drifting"] and state["state"] == "drifting" and state["label_psi"] > 1
