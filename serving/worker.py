@@ -184,8 +184,11 @@ class DrainingBatchLoop(BatchedLoop):
         return payloads, timed_out
 
 
-# How long an idle worker blocks on the queue before looking again (stop signals).
-IDLE_WAIT_S = 1.0
+# How long an idle worker blocks on the queue per call. Short on purpose: a worker killed
+# inside a blocking get leaves the Manager's thread to take the next request and lose it
+# (its reply goes to a dead pipe), so the window is this long; 50 idle calls a second
+# cost next to nothing (LitServe's own loop polled every 1 ms).
+IDLE_WAIT_S = 0.02
 
 
 def drain_queue(queue: Any, max_items: int, extra_wait: float) -> list[tuple[Any, float]]:
