@@ -32,7 +32,6 @@ import litserve as ls
 import numpy as np
 from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
-from litserve.utils import LitAPIStatus, LoopResponseType
 
 from faultsense.errors import FaultSenseError
 
@@ -170,11 +169,12 @@ class DrainingBatchLoop(BatchedLoop):
             if item == _SENTINEL_VALUE:
                 raise _StopLoopError()
             response_queue_id, uid, timestamp, x_enc = item
-            # START tells the HTTP process which worker holds the request (LitServe uses
-            # it to fail the in-flight requests of a worker that died).
-            self.put_response(
-                transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR
-            )
+            # No START message per request (LitServe's loop sends one): it tells the HTTP
+            # process which worker holds a request, for LitServe's monitor to fail the
+            # in-flight requests of a dead worker, but that monitor runs in the main
+            # process and only sees its own (empty) response buffer when the API servers
+            # are forked processes, as serve() runs them. Each one cost the worker a
+            # Manager round trip (~0.1-0.2 ms) per request.
             if apply_timeout and time.monotonic() - timestamp > lit_api.request_timeout:
                 timed_out.append((response_queue_id, uid))
                 continue
