@@ -60,6 +60,15 @@ def test_predict_prints_label_confidence_probabilities_version(trained_registry,
         assert row["confidence"] == pytest.approx(max(row["probabilities"].values()))
     assert rows[0]["duration_s"] == pytest.approx(0.5, abs=1e-3)
     assert len(rows[1]["windows"]) > 1  # a long clip is classified window by window
+    # The numbers are the Predictor's for the same files, not merely well-formed.
+    from faultsense.inference import Predictor
+
+    predictor = Predictor.from_registry(trained_registry)
+    for row, path in zip(rows, (short, long), strict=True):
+        expected = predictor.predict_bytes(path.read_bytes(), name=path.name)
+        assert row["label"] == expected["label"]
+        assert row["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
+        assert [w["label"] for w in row["windows"]] == [w["label"] for w in expected["windows"]]
 
 
 def test_models_list_promote_rollback(trained_registry_copy, tmp_path, capsys):
