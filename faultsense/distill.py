@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from .config import plain
 from .errors import ConfigError
 from .fileio import write_json_atomic
+from .models.embeddings import BatchRows
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def kd_loss(student_logits: torch.Tensor, probs: torch.Tensor, temperature: floa
     return kl * t * t
 
 
-class SoftLabeled(Dataset):
+class SoftLabeled(BatchRows):
     """A batch-reading Dataset (`__getitems__` -> stacked tuple) plus the teacher's logits of
     each of its rows as one more tensor: (x, label, category, teacher logits [B, C])."""
 
@@ -59,9 +59,6 @@ class SoftLabeled(Dataset):
 
     def __len__(self) -> int:
         return len(self.base)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
-        return tuple(t[0] for t in self.__getitems__([i]))
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
         idx = np.asarray(indices, dtype=np.int64)
@@ -80,7 +77,9 @@ def training_data(cfg: Any, datamodule: Any, model: Any) -> Any:
     if not cfg.get("distill"):
         return datamodule
     if not (model.hparams.get("distill") or {}).get("temperature"):
-        raise ConfigError("distill is set but model.distill has no temperature (use experiment=distill).")
+        raise ConfigError(
+            "distill is set but model.distill has no temperature (use experiment=distill)."
+        )
     logits = teacher_logits(cfg, datamodule, Path(cfg.paths.output_dir))
     return DerivedDataModule(
         datamodule,
@@ -104,7 +103,9 @@ def teacher_logits(cfg: Any, datamodule: Any, output_dir: Path) -> np.ndarray:
     settings = plain(cfg.distill)
     teacher = build_model(cfg.distill.teacher, datamodule, bool(cfg.get("class_weighted", True)))
     teacher.inputs = "embedding"
-    data = embedding_datamodule(datamodule, teacher.net, int(settings.get("teacher_batch_size", 64)))
+    data = embedding_datamodule(
+        datamodule, teacher.net, int(settings.get("teacher_batch_size", 64))
+    )
     trainer = L.Trainer(
         max_epochs=int(settings.get("teacher_epochs", 30)),
         accelerator="auto",
@@ -117,7 +118,9 @@ def teacher_logits(cfg: Any, datamodule: Any, output_dir: Path) -> np.ndarray:
         gradient_clip_val=5.0,
     )
     trainer.fit(teacher, datamodule=data)
-    metrics = {k: float(v) for k, v in trainer.validate(teacher, datamodule=data, verbose=False)[0].items()}
+    metrics = {
+        k: float(v) for k, v in trainer.validate(teacher, datamodule=data, verbose=False)[0].items()
+    }
     teacher.eval()
     with torch.no_grad():
         embeddings = data.train_set.__getitems__(np.arange(len(data.train_set)))[0]

@@ -12,7 +12,7 @@ import torch
 from faultsense.distill import kd_loss, soft_targets
 from faultsense.models.classifier import FaultClassifier
 from tests.fixtures.data import compose_config
-from tests.fixtures.model import train_overrides
+from tests.test_embeddings import experiment_overrides
 
 
 def test_kd_loss_is_t_squared_times_the_kl_divergence_of_the_softened_outputs():
@@ -33,7 +33,11 @@ def tiny_student(alpha: float, temperature: float) -> FaultClassifier:
     }
     quiet = {"gain_db": 0.0, "shift": 0.0, "noise_p": 0.0}
     return FaultClassifier(
-        net, sample_rate=16_000, clip_samples=8_000, augment=quiet, label_smoothing=0.1,
+        net,
+        sample_rate=16_000,
+        clip_samples=8_000,
+        augment=quiet,
+        label_smoothing=0.1,
         distill={"alpha": alpha, "temperature": temperature},
     )
 
@@ -59,14 +63,13 @@ def test_distill_experiment_trains_a_teacher_then_the_student_on_its_soft_labels
 ):
     from faultsense.train import train
 
-    overrides = train_overrides(tmp_path, synthetic_source, data_cache_dir, epochs=2)
-    overrides.remove("experiment=smoke")
-    overrides += [
-        "experiment=[smoke,distill]",
+    extra = [
         "distill.teacher.net.backbone.weights=null",  # a random frozen teacher: mechanics only
         "distill.teacher_epochs=2",
-        "test=false",
     ]
+    overrides = experiment_overrides(
+        tmp_path, synthetic_source, data_cache_dir, "[smoke,distill]", 2, extra
+    )
     cfg = compose_config("train", overrides)
     assert cfg.model.net.backbone.widths == [8, 16, 32]  # the smoke student, distilled
     result = train(cfg)

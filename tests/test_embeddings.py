@@ -22,6 +22,13 @@ YAMNET_RANDOM = {  # random weights: the cache's mechanics, without the wheel's 
 }
 
 
+def experiment_overrides(tmp_path, source, cache, experiment: str, epochs: int, extra=()):
+    """The session's synthetic-data training overrides with `experiment` in place of smoke."""
+    overrides = train_overrides(tmp_path, source, cache, epochs=epochs)
+    overrides.remove("experiment=smoke")
+    return [*overrides, f"experiment={experiment}", "test=false", *extra]
+
+
 def yamnet_net(datamodule, seed: int = 0, **backbone):
     torch.manual_seed(seed)
     spec = {**YAMNET_RANDOM, "clip_samples": datamodule.clip_samples}
@@ -39,7 +46,9 @@ def test_a_second_run_reads_the_cache_and_the_key_follows_encoder_and_data(
     again = embedding_datamodule(synthetic_datamodule, yamnet_net(synthetic_datamodule))
     assert path.stat().st_mtime_ns == stamp  # same encoder, same data: read, not rewritten
     batch = np.arange(len(first.train_set))
-    assert torch.equal(first.train_set.__getitems__(batch)[0], again.train_set.__getitems__(batch)[0])
+    assert torch.equal(
+        first.train_set.__getitems__(batch)[0], again.train_set.__getitems__(batch)[0]
+    )
     assert len(again.train_set) == len(synthetic_datamodule.train_set)
 
     # another weight, another patch hop: another key; other data: another cache folder
@@ -47,7 +56,9 @@ def test_a_second_run_reads_the_cache_and_the_key_follows_encoder_and_data(
     assert encoder_key(yamnet_net(synthetic_datamodule, patch_hop_s=0.96)) != encoder_key(net)
     from faultsense.data.datamodule import build_datamodule
 
-    other = build_datamodule(compose_config("prepare", [*synthetic_overrides, "data.clip_seconds=1.5"]).data)
+    other = build_datamodule(
+        compose_config("prepare", [*synthetic_overrides, "data.clip_seconds=1.5"]).data
+    )
     other.prepare_data()
     other.setup()
     other_net = yamnet_net(other)
@@ -67,18 +78,11 @@ def test_a_head_trained_on_cached_embeddings_registers_the_whole_net(
     from faultsense.registry import Registry
     from faultsense.train import train
 
-    overrides = train_overrides(tmp_path, synthetic_source, data_cache_dir, epochs=3)
-    overrides.remove("experiment=smoke")
-    overrides += [
-        "experiment=accurate",
-        "data=synthetic",
-        "model.net.backbone.weights=null",
-        "trainer.accelerator=cpu",
-        "test=false",
-        "register=true",
-        "callbacks.early_stopping=null",
-    ]
-    cfg = compose_config("train", overrides)
+    extra = ["data=synthetic", "model.net.backbone.weights=null", "register=true"]
+    overrides = experiment_overrides(
+        tmp_path, synthetic_source, data_cache_dir, "accurate", 3, extra
+    )
+    cfg = compose_config("train", [*overrides, "trainer.accelerator=cpu"])
     result = train(cfg)
     assert result.version and 0.0 <= result["val/f1_macro"] <= 1.0
     net = Registry(cfg.paths.registry_dir).current().load_net()

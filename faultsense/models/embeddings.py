@@ -88,7 +88,12 @@ def part_embeddings(net: torch.nn.Module, part: Any, key: str) -> np.ndarray:
         cached = np.load(path, mmap_mode="r")
         if cached.shape[0] == len(part):
             return cached
-        log.warning("embedding cache %s has %d rows, want %d: rebuilding", path, *cached.shape[:1], len(part))
+        log.warning(
+            "embedding cache %s has %d rows, want %d: rebuilding",
+            path,
+            *cached.shape[:1],
+            len(part),
+        )
     log.info("embedding %d clips into %s", len(part), path)
     embeddings = embed_waves(net, part.waves)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
@@ -97,7 +102,15 @@ def part_embeddings(net: torch.nn.Module, part: Any, key: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-class CachedEmbeddings(Dataset):
+class BatchRows(Dataset):
+    """A Dataset read a batch at a time: subclasses give `__len__` and `__getitems__`
+    (indices -> a tuple of stacked tensors); one row is a batch of one."""
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[0] for t in self.__getitems__([i]))
+
+
+class CachedEmbeddings(BatchRows):
     """Rows of cached embeddings -> (embedding float32 [D], label int64, category int64), with
     the `items` [M, 2] (part, row) of the `data.datasets.CachedWaves` it stands for."""
 
@@ -107,9 +120,6 @@ class CachedEmbeddings(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
-        return tuple(t[0] for t in self.__getitems__([i]))
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
         """A batch: (embeddings [B, D], labels [B], categories [B])."""
