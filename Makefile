@@ -53,15 +53,18 @@ app:  ## the web app over a running server (http://127.0.0.1:7860)
 demo:  ## offline first run: synthetic data, a small model, then server + app (Ctrl-C stops)
 	$(RUN) python -m serving.demo $(ARGS)
 
-# Headless Locust against a running server (`make serve` first); CSV stats in logs/loadtest.
+# Headless Locust against a running server (`make serve` first): CSV stats, Locust's HTML
+# report and throughput/latency PNGs in logs/loadtest.
 LOADTEST_HOST ?= http://127.0.0.1:8000
 LOADTEST_USERS ?= 32
 LOADTEST_TIME ?= 60s
-loadtest:  ## headless Locust on a running server, CSV to logs/loadtest
+loadtest:  ## headless Locust on a running server: CSV, HTML report and PNG plots in logs/loadtest
 	@mkdir -p logs/loadtest
 	$(RUN) locust -f serving/locustfile.py --headless --host $(LOADTEST_HOST) \
 		-u $(LOADTEST_USERS) -r $(LOADTEST_USERS) -t $(LOADTEST_TIME) \
-		--csv logs/loadtest/faultsense --only-summary $(ARGS)
+		--csv logs/loadtest/faultsense --csv-full-history \
+		--html logs/loadtest/faultsense.html --only-summary $(ARGS)
+	$(RUN) python -m serving.loadtest_report logs/loadtest/faultsense
 
 clean:
 	rm -rf outputs multirun logs wandb .pytest_cache .ruff_cache
