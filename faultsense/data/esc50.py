@@ -11,7 +11,6 @@ Every write that matters (download, extraction) is atomic. `ESC50Source` is the
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import os
@@ -27,7 +26,7 @@ from ..config import plain
 from ..errors import ConfigError, DataError, LabelError
 from ..fileio import sha256_file
 from ..taxonomy import check_label_name
-from .manifest import AUX_ONLY, ManifestRow
+from .manifest import AUX_ONLY, ManifestRow, read_csv_table
 from .sources import SourceStats, register_source
 
 log = logging.getLogger(__name__)
@@ -183,20 +182,7 @@ def find_root(path: Path) -> Path | None:
 def read_meta(root: Path) -> list[dict[str, str]]:
     """Rows of `root/meta/esc50.csv`, checked for the official columns and integer folds."""
     meta = root / META_FILE
-    try:
-        with open(meta, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in META_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise DataError(
-                    f"{meta} is missing the ESC-50 column(s) {', '.join(missing)} "
-                    f"(expected {','.join(META_COLUMNS)})."
-                )
-            rows = list(reader)
-    except OSError as err:
-        raise DataError(f"Cannot read ESC-50 meta file {meta}: {err.strerror}.") from None
-    except (csv.Error, UnicodeDecodeError) as err:
-        raise DataError(f"{meta} is not a valid CSV file: {err}.") from None
+    rows = read_csv_table(meta, META_COLUMNS, "ESC-50")
     for line, row in enumerate(rows, start=2):
         try:
             row["fold"] = str(int(row["fold"]))

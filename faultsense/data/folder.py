@@ -14,13 +14,12 @@ the `group` column, else `data.group_by`, else each file alone. Labels are the f
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from .. import audio
 from ..errors import DataError
 from .labeled import LabeledSource, source_path
-from .manifest import ManifestRow
+from .manifest import ManifestRow, read_csv_table
 from .sources import register_source
 
 METADATA_FILE = "metadata.csv"
@@ -73,18 +72,7 @@ def read_metadata(root: Path) -> dict[str, dict[str, str]]:
     path = root / METADATA_FILE
     if not path.is_file():
         return {}
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if "file_name" not in (reader.fieldnames or []):
-                raise DataError(
-                    f"{path} has no file_name column (columns: file_name, label, fold, group)."
-                )
-            entries = list(reader)
-    except OSError as err:
-        raise DataError(f"Cannot read {path}: {err.strerror}.") from None
-    except (csv.Error, UnicodeDecodeError) as err:
-        raise DataError(f"{path} is not a valid CSV file: {err}.") from None
+    entries = read_csv_table(path, ("file_name",), "metadata.csv")
     listed: dict[str, dict[str, str]] = {}
     for line, entry in enumerate(entries, start=2):
         name = Path(str(entry.get("file_name") or "").strip()).as_posix()

@@ -80,6 +80,27 @@ def _float_or_none(value: Any) -> float | None:
     return None if value in (None, "") else float(value)
 
 
+def read_csv_table(path: str | Path, required: Sequence[str], what: str) -> list[dict[str, str]]:
+    """The rows of a CSV file that must have the `required` columns; every failure (missing
+    file, unreadable, not CSV, a missing column) is a DataError naming `path` and what it
+    is (`what`, e.g. "ESC-50")."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(
+                    f"{path} is missing the {what} column(s) {', '.join(missing)} "
+                    f"(expected {','.join(required)}; has {','.join(reader.fieldnames or []) or 'none'})."
+                )
+            return list(reader)
+    except OSError as err:
+        raise DataError(f"Cannot read the {what} file {path}: {err.strerror}.") from None
+    except (csv.Error, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not a valid CSV file: {err}.") from None
+
+
 def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> Path:
     """Write `rows` (dicts with `columns`) as CSV to `path` atomically; returns `path`."""
     path = Path(path)
