@@ -78,7 +78,8 @@ def main() -> None:
     }
     feats = net.frontend.features(waves)
     costs = {name: median_seconds(lambda m=m: m(waves), 3, 1) for name, m in augment.items()}
-    costs["specaugment 2f+2t"] = median_seconds(lambda: SpecAugment().train()(feats), 5)
+    if feats.dim() == 4:  # SpecAugment masks spectrogram-like features, not waveforms
+        costs["specaugment 2f+2t"] = median_seconds(lambda: SpecAugment().train()(feats), 5)
     result["augment_ms_per_batch32"] = {k: round(1000 * v, 1) for k, v in costs.items()}
 
     print(json.dumps(result, indent=2))
