@@ -237,13 +237,13 @@ def _model_worker(registry: str, device: str, seconds: float, barrier: Any, out:
     timed for `seconds` once every process is warm; puts clips/s on `out`."""
     import torch
 
+    from faultsense.audio import decode
     from faultsense.inference import Predictor
-    from serving.worker import decode_audio
 
     torch.set_num_threads(1)
     predictor = Predictor.from_registry(registry, device=device)
     clips = [
-        decode_audio(b, sample_rate=predictor.sample_rate, max_seconds=None, name="bench")
+        decode(b, sample_rate=predictor.sample_rate, max_seconds=None, name="bench")
         for b in wav_bodies(32)
     ]
     for _ in range(3):

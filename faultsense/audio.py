@@ -9,6 +9,7 @@ is never used.
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 from typing import BinaryIO
 
@@ -74,6 +75,30 @@ def decode(
     bounded by `max_seconds` even when a header lies about its length.
     """
     what = _describe(source, name)
+    frames = _pcm16_frames(source, sample_rate)
+    if frames is not None:  # what clients send most, read straight from the bytes
+        data, rate = frames.astype(np.float32) * _PCM16_SCALE, sample_rate
+    else:
+        data, rate = _read(source, what, max_seconds)
+    limit = None if max_seconds is None else int(max_seconds * rate) + 1
+    channels = data.shape[1]
+    if limit is not None and data.shape[0] >= limit:
+        raise AudioError(
+            f"{what} is longer than the limit of {max_seconds:g} s; trim it or split it into clips."
+        )
+    if data.shape[0] == 0:
+        raise AudioError(f"{what} contains no audio samples.")
+    if not np.isfinite(data).all():
+        raise AudioError(f"{what} contains NaN or infinite samples.")
+    wave = data.mean(axis=1, dtype=np.float32) if channels > 1 else data[:, 0]
+    if not allow_silent and float(np.abs(wave).max()) < SILENCE_PEAK:
+        raise AudioError(f"{what} is silent (every sample is zero).")
+    return resample(np.ascontiguousarray(wave, dtype=np.float32), rate, sample_rate)
+
+
+def _read(source: AudioSource, what: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """Frames float32 [T, channels] (at most one past `max_seconds`) and the file's rate,
+    through libsndfile."""
     with _open(source, what) as f:
         rate, channels = int(f.samplerate), int(f.channels)
         if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
@@ -90,18 +115,45 @@ def decode(
             raise AudioError(
                 f"{what} is corrupt or truncated: {getattr(err, 'error_string', err)}"
             ) from None
-    if limit is not None and data.shape[0] >= limit:
-        raise AudioError(
-            f"{what} is longer than the limit of {max_seconds:g} s; trim it or split it into clips."
-        )
-    if data.shape[0] == 0:
-        raise AudioError(f"{what} contains no audio samples.")
-    if not np.isfinite(data).all():
-        raise AudioError(f"{what} contains NaN or infinite samples.")
-    wave = data.mean(axis=1, dtype=np.float32) if channels > 1 else data[:, 0]
-    if not allow_silent and float(np.abs(wave).max()) < SILENCE_PEAK:
-        raise AudioError(f"{what} is silent (every sample is zero).")
-    return resample(np.ascontiguousarray(wave, dtype=np.float32), rate, sample_rate)
+    return data, rate
+
+
+# The WAV header fields the fast path reads ("fmt " chunk): format tag, channels, rate,
+# byte rate, block align, bits per sample.
+_FMT = struct.Struct("<HHIIHH")
+_WAVE_PCM = 1
+# libsndfile's int16 -> float32 scale: the fast path must give the same samples.
+_PCM16_SCALE = np.float32(1.0 / 32768.0)
+
+
+def _pcm16_frames(source: AudioSource, sample_rate: int) -> np.ndarray | None:
+    """The int16 frames [T, channels] of in-memory bytes that are a plain 16-bit PCM WAV
+    at `sample_rate` with consistent chunks (~0.1 ms for 5 s instead of ~0.6 ms through
+    libsndfile, same samples); None for anything else (decode then uses libsndfile)."""
+    if not isinstance(source, bytes | bytearray | memoryview):
+        return None
+    data = bytes(source) if isinstance(source, memoryview) else source
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    fmt, pos = None, 12
+    while pos + 8 <= len(data):
+        chunk, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        body = pos + 8
+        if chunk == b"fmt " and size >= _FMT.size and body + size <= len(data):
+            fmt = _FMT.unpack_from(data, body)
+        elif chunk == b"data":
+            if fmt is None or body + size != len(data):
+                return None  # a data chunk before fmt, truncated, or trailing chunks
+            tag, channels, rate, _, align, bits = fmt
+            if tag != _WAVE_PCM or bits != 16 or rate != sample_rate or channels < 1:
+                return None
+            if align != 2 * channels or size % align:
+                return None
+            return np.frombuffer(data, dtype="<i2", count=size // 2, offset=body).reshape(
+                -1, channels
+            )
+        pos = body + size + (size & 1)
+    return None
 
 
 def info_seconds(source: AudioSource, name: str | None = None) -> float:
