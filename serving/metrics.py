@@ -280,14 +280,6 @@ def record_prediction(result: dict[str, Any], stamps: dict[str, float]) -> None:
         m.queue_wait.observe(max(0.0, stamps["got"] - stamps["submit"]))
 
 
-def metrics_protected(cfg: Any) -> bool:
-    """`auth.protect_metrics` of a serve config (False for ready ServeSettings)."""
-    from faultsense.config import plain
-
-    auth = plain(cfg.get("auth")) if hasattr(cfg, "get") else None
-    return bool((auth or {}).get("protect_metrics", False))
-
-
 class RequestMetricsMiddleware:
     """Counts every HTTP request by route template (never the raw path: bounded labels)
     and status, and times it. Outermost, so body-limit refusals are counted too."""

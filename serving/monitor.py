@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from faultsense.config import plain, utc_now
+from faultsense.config import utc_now
 from faultsense.errors import ConfigError
 
 from .metrics import record_decode_failure, record_prediction
@@ -71,12 +71,10 @@ class MonitorSettings:
     history: int = 5000
 
     @classmethod
-    def from_cfg(cls, cfg: Any, serve: ServeSettings) -> MonitorSettings:
-        """The `monitor:` section of the serve config `cfg` (none, e.g. for ready
-        ServeSettings: the defaults, logging next to the retrain jobs); ConfigError for a
-        value out of range or a key it does not know."""
-        section = {} if isinstance(cfg, ServeSettings) else (plain(cfg.get("monitor")) or {})
-        values = dict(section)
+    def from_settings(cls, serve: ServeSettings) -> MonitorSettings:
+        """The serve settings' `monitor:` section (defaults for what it leaves out; the log
+        next to the retrain jobs); ConfigError for a value out of range or an unknown key."""
+        values = dict(serve.monitor)
         values["log_dir"] = str(values.get("log_dir") or Path(serve.jobs_dir).parent / LOG_NAME)
         unknown = sorted(set(values) - set(cls.__dataclass_fields__))
         if unknown:

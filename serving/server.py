@@ -54,7 +54,6 @@ from .http_helpers import (
 from .metrics import (
     RequestMetricsMiddleware,
     cleanup_multiprocess,
-    metrics_protected,
     record_decode_failure,
     setup_multiprocess,
 )
@@ -111,8 +110,8 @@ def build_server(cfg: Any) -> ls.LitServer:
     # it resolved ("auto" included). The workers start in run(), so they get these stats.
     api.stats = SharedStats(len(server.devices) * settings.workers_per_device)
     ctx = _context(settings, registry, api.stats, RegularRequestHandler(api, server))
-    ctx.monitor = PredictionLog(MonitorSettings.from_cfg(cfg, settings))
-    ctx.protect_metrics = metrics_protected(cfg)
+    ctx.monitor = PredictionLog(MonitorSettings.from_settings(settings))
+    ctx.protect_metrics = settings.protect_metrics
     _install(server.app, ctx)
     return server
 

@@ -43,11 +43,13 @@ class ServeSettings:
     max_filename_chars: int = 200
     api_key_env: str = "FAULTSENSE_API_KEY"
     protect_predict: bool = False
+    protect_metrics: bool = False
     retrain_default_epochs: int = 5
     retrain_max_epochs: int = 50
     retrain_timeout_s: float = 3600.0
     retrain_log_tail_lines: int = 40
     retrain_overrides: list[str] = field(default_factory=list)
+    monitor: dict[str, Any] = field(default_factory=dict)  # serve.yaml `monitor:` (MonitorSettings)
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> ServeSettings:
@@ -81,11 +83,13 @@ class ServeSettings:
             max_filename_chars=int(lim["max_filename_chars"]),
             api_key_env=str(auth["api_key_env"]),
             protect_predict=bool(auth["protect_predict"]),
+            protect_metrics=bool(auth.get("protect_metrics", False)),
             retrain_default_epochs=int(rt["default_epochs"]),
             retrain_max_epochs=int(rt["max_epochs"]),
             retrain_timeout_s=float(rt["timeout_s"]),
             retrain_log_tail_lines=int(rt["log_tail_lines"]),
             retrain_overrides=[str(o) for o in rt.get("overrides") or []],
+            monitor=dict(c.get("monitor") or {}),
         )
 
     def validate(self) -> None:
