@@ -225,6 +225,40 @@ def monitor_tab(ctx: AppContext) -> list[Any]:
     return outputs
 
 
+def label_queue_part(ctx: AppContext) -> list[Any]:
+    """The Monitor tab's label queue: listen to a low-confidence clip, pick its label (it
+    becomes an upload for the next retrain) or dismiss it. Returns the queue's outputs
+    (filled on load)."""
+    gr.Markdown("### Label queue")
+    status = gr.Markdown(elem_id="queue-status")
+    rows = gr.Dataframe(
+        headers=["time (UTC)", "predicted", "confidence", "file", "model", "id"],
+        label="Low-confidence predictions waiting for a label (newest first)",
+        interactive=False, elem_id="queue-table",
+    )  # fmt: skip
+    with gr.Row():
+        item = gr.Dropdown([], label="Queued clip", interactive=True, elem_id="queue-item")
+        refresh_btn = gr.Button("Refresh queue", elem_id="queue-refresh")
+    with gr.Row():
+        audio = gr.Audio(label="Listen", interactive=False, elem_id="queue-audio")
+        with gr.Column():
+            about = gr.Markdown(elem_id="queue-item-about")
+            label = gr.Dropdown([], label="True label (the served model's)", elem_id="queue-label")
+            with gr.Row():
+                label_btn = gr.Button("Label → upload", variant="primary", elem_id="queue-submit")
+                dismiss_btn = gr.Button("Dismiss", elem_id="queue-dismiss")
+    outputs = [status, rows, item, label]
+    refresh_btn.click(partial(handlers.label_queue, ctx), None, outputs, api_name="label_queue")
+    item.change(partial(handlers.queue_item, ctx), [item], [audio, about], api_name="queue_item")
+    label_btn.click(
+        partial(handlers.label_queued, ctx), [item, label], outputs, api_name="label_queued"
+    )
+    dismiss_btn.click(
+        partial(handlers.dismiss_queued, ctx), [item], outputs, api_name="dismiss_queued"
+    )
+    return outputs
+
+
 def build_app(cfg: DictConfig) -> gr.Blocks:
     """The Gradio Blocks app for `cfg` (configs/app.yaml); `launch_app` serves it. The
     model's labels are asked from the server on every page load, never fixed here."""
@@ -246,6 +280,7 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
                 insights_outputs, example_texts, example_rows = insights_tab(ctx)
             with gr.Tab("Monitor", id="monitor"):
                 monitor_outputs = monitor_tab(ctx)
+                queue_outputs = label_queue_part(ctx)
         app.load(
             partial(handlers.on_load, ctx),
             None,
@@ -263,6 +298,12 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
             partial(handlers.monitor, ctx, toast=False),
             None,
             monitor_outputs,
+            api_visibility="private",
+        )
+        app.load(
+            partial(handlers.label_queue, ctx, toast=False),
+            None,
+            queue_outputs,
             api_visibility="private",
         )
     return app

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from faultsense.errors import FaultSenseError
 
@@ -43,6 +44,15 @@ class ServerClient:
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The parsed JSON answer (its text when it is not JSON)."""
+        response = self._send(method, path, **kwargs)
+        try:
+            return response.json()
+        except ValueError:
+            return response.text
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The httpx response to `method path`; ServerError for a refusal."""
         import httpx
 
         try:
@@ -63,10 +73,7 @@ class ServerClient:
                 response.status_code,
                 _json_or_none(response),
             )
-        try:
-            return response.json()
-        except ValueError:
-            return response.text
+        return response
 
     def status(self) -> dict[str, Any]:
         return self._request("GET", "/status")
@@ -105,6 +112,23 @@ class ServerClient:
     def monitor(self) -> dict[str, Any]:
         """The prediction log's recent history and the drift state (GET /monitor)."""
         return self._request("GET", "/monitor")
+
+    def label_queue(self) -> dict[str, Any]:
+        """The low-confidence predictions waiting for a label (GET /monitor/queue)."""
+        return self._request("GET", "/monitor/queue")
+
+    def queued_audio(self, item_id: str) -> bytes:
+        """The stored clip of a queued prediction, as it was sent."""
+        return self._send("GET", f"/monitor/queue/{quote(item_id, safe='')}/audio").content
+
+    def label_queued(self, item_id: str, label: str) -> dict[str, Any]:
+        """Label a queued clip: the server stores it as an upload with `label`."""
+        path = f"/monitor/queue/{quote(item_id, safe='')}/label"
+        return self._request("POST", path, json={"label": label})
+
+    def dismiss_queued(self, item_id: str) -> dict[str, Any]:
+        """Take a clip out of the labelling queue without labelling it."""
+        return self._request("POST", f"/monitor/queue/{quote(item_id, safe='')}/dismiss")
 
     def insights(self) -> dict[str, Any] | None:
         """The current model's training report, or None when the server has no such route."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 
 from faultsense.errors import FaultSenseError
 from faultsense.figures import confusion_figure
@@ -380,3 +381,90 @@ def monitor_rows(report: dict[str, Any]) -> list[list[Any]]:
     counts = (report.get("recent") or {}).get("labels") or {}
     n = sum(counts.values())
     return [[label, c, f"{100 * c / n:.1f}%" if n else "-"] for label, c in counts.items()]
+
+
+# -- Monitor: the label queue ----------------------------------------------------------
+
+
+def label_queue(ctx: AppContext, message: str = "", toast: bool = True) -> tuple[Any, ...]:
+    """The label queue: (status Markdown, item rows, item dropdown update, label dropdown
+    update); the first waiting item is chosen (its audio loads on change) and the label
+    choices are the served model's. `message` replaces the status line."""
+    try:
+        queue = ctx.client.label_queue()
+    except ServerError as err:
+        return warn(err, toast), [], gr.update(choices=[], value=None), gr.update()
+    items = queue.get("items") or []
+    choices = [(queue_choice(item), str(item["id"])) for item in items]
+    return (
+        message or queue_markdown(queue),
+        [queue_row(item) for item in items],
+        gr.update(choices=choices, value=choices[0][1] if choices else None),
+        gr.update(choices=[str(x) for x in queue.get("labels") or []], value=None),
+    )
+
+
+def queue_markdown(queue: dict[str, Any]) -> str:
+    """How many clips wait, and why there may be none."""
+    pending, shown = int(queue.get("pending") or 0), len(queue.get("items") or [])
+    head = (
+        f"**{pending}** low-confidence prediction(s) (< {queue.get('threshold')}) wait for a "
+        f"label" + (f"; the newest {shown} are listed." if shown < pending else ".")
+    )
+    if queue.get("store_audio") == "none":
+        head += " The server keeps no audio: set `monitor.store_audio=low_confidence` to fill it."
+    return head
+
+
+def queue_choice(item: dict[str, Any]) -> str:
+    """One queued item as its dropdown entry."""
+    confidence = float(item.get("confidence") or 0.0)
+    return f"{str(item.get('time'))[:19]} · {item.get('predicted')} {confidence:.0%} · {item.get('filename') or item['id']}"
+
+
+def queue_row(item: dict[str, Any]) -> list[Any]:
+    """[time, predicted, confidence, file, model, id] of one queued item."""
+    confidence = float(item.get("confidence") or 0.0)
+    return [str(item.get("time"))[:19], item.get("predicted"), f"{confidence:.1%}",
+            item.get("filename") or "", item.get("version"), item.get("id")]  # fmt: skip
+
+
+def queue_item(ctx: AppContext, item_id: str | None) -> tuple[Any, str]:
+    """A queued item's clip for gr.Audio ((rate, int16 samples) or None) and what the model
+    said about it."""
+    if not item_id:
+        return None, ""
+    try:
+        data = ctx.client.queued_audio(item_id)
+        wave, rate = load_clip(data, float(ctx.views["max_seconds"]), name=item_id)
+    except FaultSenseError as err:  # ServerError included
+        return None, warn(err)
+    samples = (np.clip(wave, -1.0, 1.0) * 32767).astype(np.int16)
+    return (rate, samples), f"Playing queued prediction `{item_id}`: pick its true label below."
+
+
+def label_queued(ctx: AppContext, item_id: str | None, label: str | None) -> tuple[Any, ...]:
+    """Label the chosen item (it becomes an upload for the next retrain); the queue after."""
+    if not item_id or not label:
+        return label_queue(ctx, refuse("Choose a queued clip and its label first."))
+    try:
+        result = ctx.client.label_queued(item_id, label)
+    except ServerError as err:
+        return label_queue(ctx, warn(err))
+    upload = result.get("upload") or {}
+    gr.Info(f"Stored as an upload labeled {label}.")
+    done = (
+        f"Labeled **{label}**: stored as an upload ({upload.get('status')}) for the next retrain."
+    )
+    return label_queue(ctx, done)
+
+
+def dismiss_queued(ctx: AppContext, item_id: str | None) -> tuple[Any, ...]:
+    """Take the chosen item out of the queue without labelling it; the queue after."""
+    if not item_id:
+        return label_queue(ctx, refuse("Choose a queued clip to dismiss."))
+    try:
+        ctx.client.dismiss_queued(item_id)
+    except ServerError as err:
+        return label_queue(ctx, warn(err))
+    return label_queue(ctx, f"Dismissed `{item_id}`.")

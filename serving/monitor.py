@@ -141,21 +141,13 @@ class PredictionLog:
         """Write `entries` as lines, rotating first when the file would pass max_bytes."""
         from filelock import FileLock
 
-        data = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in entries)
+        data = _json_lines(entries)
         self.dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.dir / ".lock"), timeout=30):
             size = self.path.stat().st_size if self.path.exists() else 0
             if size and size + len(data) > self.settings.max_bytes:
                 self._rotate()
-                size = 0
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                if size and os.pread(fd, 1, size - 1) != b"\n":  # after a torn line
-                    data = b"\n" + data
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_lines(self.path, data)
 
     def _rotate(self) -> None:
         """predictions.jsonl -> .1 -> .2 ...; the oldest beyond `backups` is dropped with
@@ -191,21 +183,43 @@ class PredictionLog:
         atomic_write(self.dir / relative, data)
         return relative
 
-    def records(self, limit: int) -> list[dict[str, Any]]:
-        """The newest `limit` records, oldest first (unreadable lines skipped)."""
+    def records(self, limit: int | None) -> list[dict[str, Any]]:
+        """The newest `limit` records (None: every one kept), oldest first (unreadable
+        lines skipped)."""
         out: list[dict[str, Any]] = []
         files = [self.path] + [
             self.dir / f"{LOG_NAME}.{i}.jsonl" for i in range(1, self.settings.backups + 1)
         ]
         for path in files:
-            if len(out) >= limit:
+            if limit is not None and len(out) >= limit:
                 break
             out = _read_lines(path) + out
+        if limit is None:
+            return out
         return out[-limit:] if limit else []
 
 
-def _read_lines(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a log file; a torn or foreign line is skipped."""
+def _json_lines(entries: Iterable[Mapping[str, Any]]) -> bytes:
+    """`entries` as compact JSON lines."""
+    return b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in entries)
+
+
+def append_lines(path: Path, data: bytes) -> None:
+    """Append whole lines to `path` and fsync; call with the file's lock held. A line torn
+    by an earlier crash is ended first, so it stays the only unreadable one."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_lines(path: Path, key: str = "label") -> list[dict[str, Any]]:
+    """The JSON objects (with `key`) of a JSON-lines file; a torn or foreign line is skipped."""
     try:
         raw = path.read_bytes()
     except OSError:
@@ -214,15 +228,21 @@ def _read_lines(path: Path) -> list[dict[str, Any]]:
     for line in raw.splitlines():
         with contextlib.suppress(ValueError):
             item = json.loads(line)
-            if isinstance(item, dict) and "label" in item:
+            if isinstance(item, dict) and key in item:
                 out.append(item)
     return out
 
 
 def prediction_record(
-    result: Mapping[str, Any], *, source: str, latency_s: float, audio: str | None = None
+    result: Mapping[str, Any],
+    *,
+    source: str,
+    latency_s: float,
+    audio: str | None = None,
+    filename: str | None = None,
 ) -> dict[str, Any]:
-    """One log line for a /predict answer (the windows of long clips are left out)."""
+    """One log line for a /predict answer (the windows of long clips are left out);
+    `filename` is the client's name for the clip, as text only."""
     return {
         "time": utc_now(),
         "id": uuid.uuid4().hex[:16],
@@ -234,6 +254,7 @@ def prediction_record(
         "latency_s": round(latency_s, 6),
         "source": source,
         "audio": audio,
+        "filename": filename,
     }
 
 
@@ -268,9 +289,125 @@ def observe_predict(
         source = request_source(request.headers.get(SOURCE_HEADER))
         audio = plog.keep_audio(data, name, float(result.get("confidence") or 0.0))
         latency = time.perf_counter() - started
-        plog.record(prediction_record(result, source=source, latency_s=latency, audio=audio))
+        record = prediction_record(
+            result, source=source, latency_s=latency, audio=audio, filename=name
+        )
+        plog.record(record)
     except Exception as err:
         log.error("Could not record a prediction for monitoring: %r", err)
+
+
+# -- the labelling queue --------------------------------------------------------------
+
+QUEUE_NAME = "queue.jsonl"
+QUEUE_STATES = ("labelled", "dismissed")
+AUDIO_CONTENT_TYPES = {
+    ".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg", ".mp3": "audio/mpeg",
+    ".aiff": "audio/aiff", ".aif": "audio/aiff",
+}  # fmt: skip
+
+
+class LabelQueue:
+    """The low-confidence predictions whose clip the log kept, waiting for an operator to
+    label or dismiss them. What was done to an item is one line appended to
+    `log_dir/queue.jsonl` under a file lock (so it survives a restart and holds across
+    API server processes); an item whose record or audio rotated away is simply gone."""
+
+    def __init__(self, plog: PredictionLog) -> None:
+        self.plog = plog
+        self.path = plog.dir / QUEUE_NAME
+
+    def lock(self) -> Any:
+        """The queue's file lock; hold it from checking an item to marking it done."""
+        from filelock import FileLock
+
+        self.plog.dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.plog.dir / ".queue.lock"), timeout=30)
+
+    def done(self) -> dict[str, dict[str, Any]]:
+        """What was done to each resolved item: id -> its queue.jsonl line."""
+        return {str(line["id"]): line for line in _read_lines(self.path, key="id")}
+
+    def pending(self) -> list[dict[str, Any]]:
+        """The items waiting, newest first: low-confidence records with their audio on
+        disk, neither labelled nor dismissed."""
+        done = self.done()
+        return [
+            r
+            for r in reversed(self.plog.records(None))
+            if self._queued(r) and str(r.get("id")) not in done
+        ]
+
+    def _queued(self, record: Mapping[str, Any]) -> bool:
+        confidence = float(record.get("confidence") or 0.0)
+        return (
+            confidence < self.plog.settings.low_confidence and self.audio_path(record) is not None
+        )
+
+    def record(self, item_id: str) -> dict[str, Any] | None:
+        """The newest log record with this id whose audio is still stored, or None."""
+        for r in reversed(self.plog.records(None)):
+            if r.get("id") == item_id and self.audio_path(r) is not None:
+                return r
+        return None
+
+    def item(self, item_id: str) -> dict[str, Any]:
+        """The waiting item `item_id`; 404 when there is none, 409 when already resolved.
+        Call with `lock()` held when it is about to be resolved."""
+        from .http_helpers import HTTPError
+
+        shown = display_id(item_id)
+        record = self.record(item_id)
+        if record is None or not self._queued(record):
+            raise HTTPError(
+                404, f"No queued prediction {shown} (unknown, or its audio rotated away)."
+            )
+        line = self.done().get(item_id)
+        if line is not None:
+            raise HTTPError(409, f"Queued prediction {shown} was already {line.get('state')}.")
+        return record
+
+    def audio_path(self, record: Mapping[str, Any]) -> Path | None:
+        """Where the record's clip is stored (inside log_dir/audio), None when it is not."""
+        relative = record.get("audio")
+        if not isinstance(relative, str):
+            return None
+        audio_dir = (self.plog.dir / "audio").resolve()
+        path = (self.plog.dir / relative).resolve()
+        return path if path.parent == audio_dir and path.is_file() else None
+
+    def resolve(self, item_id: str, state: str, **fields: Any) -> dict[str, Any]:
+        """Record that `item_id` was `state` (one of QUEUE_STATES); call under `lock()`."""
+        line = {"id": item_id, "state": state, "time": utc_now(), **fields}
+        append_lines(self.path, _json_lines([line]))
+        return line
+
+
+def display_id(item_id: str) -> str:
+    """A queue id as shown in a message (client text: quoted and cut short)."""
+    from faultsense.fileio import display_name
+
+    return repr(display_name(item_id, 40))
+
+
+def queue_item(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A queued record as GET /monitor/queue lists it."""
+    item_id = str(record.get("id"))
+    return {
+        "id": item_id,
+        "time": record.get("time"),
+        "version": record.get("version"),
+        "predicted": record.get("label"),
+        "confidence": record.get("confidence"),
+        "probabilities": record.get("probabilities"),
+        "filename": record.get("filename"),
+        "audio": f"/monitor/queue/{item_id}/audio",
+    }
+
+
+def audio_content_type(path: Path) -> str:
+    """The Content-Type of a stored clip, from the suffix it was stored with."""
+    return AUDIO_CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
 
 
 # -- the reference --------------------------------------------------------------------

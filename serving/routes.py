@@ -1,6 +1,7 @@
 """The server's MLOps routes, one module-level function each, on one FastAPI `APIRouter`:
 status, models (list, promote, rollback), insights, uploads, retraining, and monitoring
-(`/metrics` for Prometheus, `/monitor` for the prediction log and drift).
+(`/metrics` for Prometheus, `/monitor` for the prediction log and drift, `/monitor/queue`
+for labelling the low-confidence predictions whose audio was kept).
 
 A route gets the server's shared state as a `ServerContext` (settings, registry, upload
 store, job runner, worker stats, API key) through `Depends(server_context)`; the server
@@ -17,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -40,7 +41,16 @@ from .http_helpers import (
 from .insights import training_report
 from .jobs import JobBusyError, JobRunner
 from .metrics import StateCollector, exposition, metrics
-from .monitor import PredictionLog, cached_reference, drift_metrics, monitor_report
+from .monitor import (
+    LabelQueue,
+    PredictionLog,
+    audio_content_type,
+    cached_reference,
+    display_id,
+    drift_metrics,
+    monitor_report,
+    queue_item,
+)
 from .settings import ServeSettings
 from .worker import (
     STAT_BATCHES,
@@ -174,8 +184,6 @@ async def upload(request: Request, ctx: Ctx) -> JSONResponse:
     bundle = await run_in_threadpool(ctx.registry.current)
     label, files = await upload_form(request, ctx.settings, bundle.labels, bundle.version)
     results = [await store_upload(ctx, f, label) for f in files]
-    for result in results:
-        metrics().uploads.labels(result["status"]).inc()
     counts = await run_in_threadpool(ctx.uploads.counts, bundle.labels)
     body = {"results": results, "counts": counts}
     if all(r["status"] == "rejected" for r in results):
@@ -238,8 +246,7 @@ async def prometheus_metrics(request: Request, ctx: Ctx) -> Response:
 @router.get("/monitor")
 async def monitor(ctx: Ctx) -> JSONResponse:
     """The prediction log's recent history and the current model's drift state."""
-    if ctx.monitor is None:
-        raise HTTPError(404, "Prediction monitoring is not configured on this server.")
+    require_monitor(ctx)
 
     def collect() -> dict[str, Any]:
         settings = ctx.monitor.settings
@@ -247,6 +254,106 @@ async def monitor(ctx: Ctx) -> JSONResponse:
         return monitor_report(records, bundle.version, bundle.labels, reference, settings)
 
     return JSONResponse(await run_in_threadpool(collect))
+
+
+@router.get("/monitor/queue")
+async def label_queue(
+    request: Request, ctx: Ctx, limit: int = Query(100, ge=1, le=1000)
+) -> JSONResponse:
+    """The low-confidence predictions waiting for a label (newest first, at most `limit`)
+    and the labels they can get (the current model's)."""
+    ctx.require_key(request)
+    queue = monitor_queue(ctx)
+
+    def collect() -> dict[str, Any]:
+        bundle = ctx.registry.current()
+        ctx.monitor.flush()  # this process's own last predictions are in the answer
+        pending = queue.pending()
+        return {
+            "items": [queue_item(r) for r in pending[:limit]],
+            "pending": len(pending),
+            "version": bundle.version,
+            "labels": bundle.labels,
+            "threshold": ctx.monitor.settings.low_confidence,
+            "store_audio": ctx.monitor.settings.store_audio,
+        }
+
+    return JSONResponse(await run_in_threadpool(collect))
+
+
+@router.get("/monitor/queue/{item_id}/audio")
+async def queued_audio(item_id: str, request: Request, ctx: Ctx) -> Response:
+    """The stored clip of a logged prediction, as it was sent; 404 when it is not kept."""
+    ctx.require_key(request)
+    queue = monitor_queue(ctx)
+    record = await run_in_threadpool(queue.record, item_id)
+    path = queue.audio_path(record) if record else None
+    if path is None:
+        raise HTTPError(404, f"No stored audio for prediction {display_id(item_id)}.")
+    data = await run_in_threadpool(path.read_bytes)
+    return Response(data, media_type=audio_content_type(path))
+
+
+class QueueLabelBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: StrictStr = ""
+
+
+@router.post("/monitor/queue/{item_id}/label")
+async def label_queued(item_id: str, request: Request, ctx: Ctx) -> JSONResponse:
+    """Label a queued clip: it is stored as an upload with that label (as POST /upload
+    stores it) and leaves the queue. 404 unknown id, 409 already resolved, 422 for a label
+    the current model does not have (naming its labels) or a clip the store refuses."""
+    ctx.require_key(request)
+    queue = monitor_queue(ctx)
+    await run_in_threadpool(queue.item, item_id)  # 404 before judging the label
+    body = validated(QueueLabelBody, await json_body(request))
+    bundle = await run_in_threadpool(ctx.registry.current)
+    owner = f"of the current model {bundle.version}"
+    label = validate_label(body.label, bundle.labels, owner=owner)
+
+    def store() -> dict[str, Any]:
+        with queue.lock():  # one resolution per item, across API server processes
+            record = queue.item(item_id)
+            path = queue.audio_path(record)
+            name = display_name(
+                record.get("filename") or path.name, ctx.settings.max_filename_chars
+            )
+            result = store_clip(ctx, path.read_bytes(), name, label)
+            if result["status"] == "rejected":
+                raise HTTPError(422, f"The clip was not stored: {result['error']}")
+            queue.resolve(item_id, "labelled", label=label, sha256=result["sha256"])
+        return {"id": item_id, "state": "labelled", "upload": result,
+                "counts": ctx.uploads.counts(bundle.labels)}  # fmt: skip
+
+    return JSONResponse(await run_in_threadpool(store))
+
+
+@router.post("/monitor/queue/{item_id}/dismiss")
+async def dismiss_queued(item_id: str, request: Request, ctx: Ctx) -> JSONResponse:
+    """Take a clip out of the queue without labelling it; 404 unknown id, 409 resolved."""
+    ctx.require_key(request)
+    queue = monitor_queue(ctx)
+
+    def dismiss() -> dict[str, Any]:
+        with queue.lock():
+            queue.item(item_id)
+            queue.resolve(item_id, "dismissed")
+        return {"id": item_id, "state": "dismissed"}
+
+    return JSONResponse(await run_in_threadpool(dismiss))
+
+
+def require_monitor(ctx: ServerContext) -> PredictionLog:
+    """The prediction log; 404 when monitoring is off."""
+    if ctx.monitor is None:
+        raise HTTPError(404, "Prediction monitoring is not configured on this server.")
+    return ctx.monitor
+
+
+def monitor_queue(ctx: ServerContext) -> LabelQueue:
+    """The labelling queue over the prediction log; 404 when monitoring is off."""
+    return LabelQueue(require_monitor(ctx))
 
 
 def monitor_state(ctx: ServerContext, limit: int | None = None) -> tuple[Any, list, dict]:
@@ -357,15 +464,19 @@ async def upload_form(
 
 async def store_upload(ctx: ServerContext, file: UploadFile, label: str) -> dict[str, Any]:
     """One uploaded file stored (or found a duplicate, or rejected with the reason)."""
-    settings = ctx.settings
-    name = display_name(file.filename or "upload", settings.max_filename_chars)
-    data = await file.read()
+    name = display_name(file.filename or "upload", ctx.settings.max_filename_chars)
+    return await run_in_threadpool(store_clip, ctx, await file.read(), name, label)
+
+
+def store_clip(ctx: ServerContext, data: bytes, name: str, label: str) -> dict[str, Any]:
+    """Clip bytes stored as a labeled upload, counted in the uploads metric: the result row
+    of /upload (stored, duplicate, or rejected with the reason)."""
     try:
-        result = await run_in_threadpool(
-            ctx.uploads.add, data, label, name, max_seconds=settings.max_upload_seconds
-        )
+        result = ctx.uploads.add(data, label, name, max_seconds=ctx.settings.max_upload_seconds)
     except FaultSenseError as e:
+        metrics().uploads.labels("rejected").inc()
         return {"filename": name, "status": "rejected", "error": str(e)}
+    metrics().uploads.labels(result.status).inc()
     return {
         "filename": name,
         "status": result.status,

@@ -37,21 +37,28 @@ def label_colors(labels: Sequence[str]) -> dict[str, str]:
     return colors
 
 
-def load_clip(path: str | Path, max_seconds: float) -> tuple[np.ndarray, int]:
-    """Decode a clip for display at its own sample rate: mono float32 [T] and the rate.
+def load_clip(
+    source: str | Path | bytes, max_seconds: float, name: str | None = None
+) -> tuple[np.ndarray, int]:
+    """Decode a clip (a path, or the bytes of a file) for display at its own sample rate:
+    mono float32 [T] and the rate.
 
     Uses the project's one decoder (same errors as the server), but at the file's native
     rate: the waveform plot shows the file as uploaded.
     """
+    import io
+
     import soundfile as sf
 
     from faultsense.audio import decode
 
+    in_memory = isinstance(source, bytes)
     try:
-        rate = int(sf.info(str(path)).samplerate)
+        rate = int(sf.info(io.BytesIO(source) if in_memory else str(source)).samplerate)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
         rate = 16_000  # decode() below raises the clear AudioError
-    wave = decode(path, sample_rate=rate, max_seconds=max_seconds, name=Path(path).name)
+    name = name or ("clip" if in_memory else Path(source).name)
+    wave = decode(source, sample_rate=rate, max_seconds=max_seconds, name=name)
     return wave, rate
 
 
