@@ -15,6 +15,12 @@ them at batch 32, without compile's ~1 min warm-up per process and per batch sha
 fails or changes the outputs (e.g. a backbone that cannot be traced), the Predictor
 falls back to eager mode and logs why.
 
+Runtime: `runtime="onnx"` runs the frontend in torch and the rest of the net in ONNX
+Runtime on the CPU (`faultsense.onnx_export.build_onnx_runner`: ~1.4x the traced graph
+at batch 32 and ~1.5x at batch 1 on one core, issue 16; the exported graph is cached in
+`onnx_cache` by the bundle's weights). If the export fails, or does not reproduce eager
+PyTorch, or the device is not the CPU, the Predictor uses `fast_path` in torch and logs why.
+
 Device: `device="cuda:0"` (or any torch device) puts the net, every input batch and the
 traced graph on that device; probabilities always come back as numpy on the CPU. The
 default is the CPU.
@@ -45,6 +51,7 @@ log = logging.getLogger(__name__)
 
 FAST_PATHS = ("jit", "eager", "channels_last")
 DEFAULT_FAST_PATH = "jit"
+RUNTIMES = ("torch", "onnx")
 DEFAULT_MAX_BATCH = 128
 # A traced graph must reproduce eager logits to this tolerance or it is not used.
 _TRACE_ATOL = 1e-4
@@ -110,7 +117,7 @@ class _Loaded:
     version: str | None
     meta: dict[str, Any]
     runner: Callable[[torch.Tensor], torch.Tensor]
-    fast_path: str
+    fast_path: str  # "onnx" when ONNX Runtime runs the net
     device: str
     labels: tuple[str, ...]
     sample_rate: int
@@ -136,10 +143,16 @@ class Predictor:
         fast_path: str = DEFAULT_FAST_PATH,
         max_batch: int = DEFAULT_MAX_BATCH,
         device: str | torch.device | None = None,
+        runtime: str = "torch",
+        onnx_cache: str | os.PathLike[str] | None = None,
     ) -> None:
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"runtime={runtime!r}: choose one of {', '.join(RUNTIMES)}.")
         self._registry = registry
         self._follow = follow_current and registry is not None
         self._fast_path = fast_path
+        self._runtime = runtime
+        self._onnx_cache = Path(onnx_cache) if onnx_cache else None
         # Kept as text: `_Loaded` is swapped on reload and rebuilt on the same device.
         self._device = str(device or "cpu")
         self.max_batch = max(1, int(max_batch))
@@ -181,7 +194,11 @@ class Predictor:
 
     def _load(self, net: nn.Module, meta: dict[str, Any]) -> _Loaded:
         clip = int(meta["clip_samples"])
-        runner, used = build_runner(net, clip, self._fast_path, self._device)
+        runner = self._onnx_runner(net, meta) if self._runtime == "onnx" else None
+        if runner is not None:
+            used = "onnx"
+        else:
+            runner, used = build_runner(net, clip, self._fast_path, self._device)
         return _Loaded(
             version=meta.get("version"),
             meta=dict(meta),
@@ -193,6 +210,32 @@ class Predictor:
             clip_samples=clip,
             hop_samples=max(1, clip // 2),
         )
+
+    def _onnx_runner(self, net: nn.Module, meta: dict[str, Any]) -> Callable | None:
+        """The ONNX Runtime path for `net`, or None (logged why) to run it in torch."""
+        import torch
+
+        from .onnx_export import build_onnx_runner
+
+        version = meta.get("version")
+        if torch.device(self._device).type != "cpu":
+            log.info(
+                "Model %s: ONNX Runtime serves on the CPU only; torch on %s.", version, self._device
+            )
+            return None
+        try:
+            runner = build_onnx_runner(
+                net,
+                int(meta["clip_samples"]),
+                self._onnx_cache,
+                meta.get("weights_sha256"),
+                threads=torch.get_num_threads(),
+            )
+        except Exception as err:  # any export/runtime failure: torch always works
+            log.warning("Model %s: not on ONNX Runtime (%s); using torch.", version, err)
+            return None
+        log.info("Model %s on ONNX Runtime (graph from %s).", version, runner.source)
+        return runner
 
     # -- what callers read --------------------------------------------------------------
 
@@ -218,7 +261,13 @@ class Predictor:
 
     @property
     def fast_path(self) -> str:
+        """How the loaded net runs: "onnx" (ONNX Runtime) or a torch FAST_PATHS value."""
         return self._loaded.fast_path
+
+    @property
+    def runtime(self) -> str:
+        """The runtime the loaded net runs on: "onnx" or "torch" (asked for, or fallen back to)."""
+        return "onnx" if self._loaded.fast_path == "onnx" else "torch"
 
     @property
     def device(self) -> str:

@@ -11,6 +11,8 @@ from faultsense.errors import ConfigError
 
 # The hosts LitServe can bind.
 ALLOWED_HOSTS = ("127.0.0.1", "0.0.0.0", "::")
+# What runs the net in a worker (faultsense.inference RUNTIMES).
+RUNTIMES = ("torch", "onnx")
 
 
 @dataclass
@@ -29,6 +31,8 @@ class ServeSettings:
     workers_per_device: int = 1
     num_api_servers: int = 2
     torch_threads: int = 1
+    runtime: str = "onnx"
+    onnx_cache_dir: str = ""  # "" = a temp file per load (no cache)
     max_batch_size: int = 32
     batch_timeout: float = 0.0
     request_timeout: float = 60.0
@@ -69,6 +73,8 @@ class ServeSettings:
             workers_per_device=int(s["workers_per_device"]),
             num_api_servers=int(s["num_api_servers"]),
             torch_threads=int(s["torch_threads"]),
+            runtime=str(s.get("runtime", "onnx")),
+            onnx_cache_dir=_onnx_cache_dir(c),
             max_batch_size=int(s["max_batch_size"]),
             batch_timeout=float(s["batch_timeout"]),
             request_timeout=float(s["request_timeout"]),
@@ -104,11 +110,21 @@ class ServeSettings:
             raise ConfigError(
                 "server.max_batch_size, workers_per_device and num_api_servers must be >= 1."
             )
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(
+                f"server.runtime={self.runtime!r}: choose one of {', '.join(RUNTIMES)}."
+            )
         if (
             self.retrain_max_epochs < 1
             or not 1 <= self.retrain_default_epochs <= self.retrain_max_epochs
         ):
             raise ConfigError("retrain.default_epochs must be between 1 and retrain.max_epochs.")
+
+
+def _onnx_cache_dir(c: dict[str, Any]) -> str:
+    """`paths.cache_dir`/onnx: where workers keep the exported ONNX graphs ("" if unset)."""
+    cache = (c.get("paths") or {}).get("cache_dir")
+    return f"{cache}/onnx" if cache else ""
 
 
 def serve_settings(cfg: Any) -> ServeSettings:

@@ -246,14 +246,22 @@ class FaultSenseAPI(ls.LitAPI):
         # One thread per worker: the uvicorn processes and other workers need the other cores.
         torch.set_num_threads(max(1, self.settings.torch_threads))
         self.predictor = Predictor.from_registry(
-            self.settings.registry_dir, device=torch_device(device)
+            self.settings.registry_dir,
+            device=torch_device(device),
+            runtime=self.settings.runtime,
+            onnx_cache=self.settings.onnx_cache_dir or None,
         )
         # Warm up the kernels so the first real request is not the slow one.
         self.predictor.predict([np.zeros(self.predictor.clip_samples, dtype=np.float32) + 1e-3])
         # LitServe sets LITSERVE_WORKER_ID in each worker before calling setup.
         worker_id = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
         self.stats.set_device(worker_id, self.predictor.device)
-        log.info("Worker ready on %s with model %s", self.predictor.device, self.predictor.version)
+        log.info(
+            "Worker ready on %s with model %s (runtime %s)",
+            self.predictor.device,
+            self.predictor.version,
+            self.predictor.fast_path,
+        )
 
     def decode_request(self, request: dict) -> Job:
         t0 = time.perf_counter()
