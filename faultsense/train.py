@@ -178,6 +178,7 @@ def build_model(model_cfg: Any, datamodule: Any, class_weighted: bool) -> L.Ligh
         clip_samples=int(datamodule.clip_samples),
         class_weights=list(datamodule.class_weights) if class_weighted else None,
         num_categories=len(datamodule.categories),
+        category_labels=list(datamodule.category_labels),
         _recursive_=False,
     )
 

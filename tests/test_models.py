@@ -328,3 +328,73 @@ def test_aux_category_head_trains_with_the_net_and_stays_out_of_the_bundle(
         assert torch.allclose(net(wave), model.eval()(wave), atol=1e-5)
     reloaded = FaultClassifier.load_from_checkpoint(ckpt, weights_only=True)
     assert reloaded.aux_head is not None  # resume keeps training the aux head
+
+
+# --- a head over the source's categories (head.by_category) -----------------------------
+
+
+def test_category_head_gives_each_label_the_probability_of_its_categories():
+    from faultsense.models.net import CategoryHead
+
+    # 5 categories: 0, 1 -> label 0; 2 -> label 1; 3 -> label 2; 4 has no label
+    head = CategoryHead(8, 3, [0, 0, 1, 2, -1], dropout=0.0).eval()
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        label_probs = head(x).softmax(dim=1)
+        cat_probs = head.category_logits(x).softmax(dim=1)
+    mapped = torch.stack(
+        [cat_probs[:, 0] + cat_probs[:, 1], cat_probs[:, 2], cat_probs[:, 3]], dim=1
+    )
+    assert torch.allclose(label_probs, mapped / mapped.sum(dim=1, keepdim=True), atol=1e-5)
+
+
+def test_by_category_head_trains_on_categories_and_rebuilds_from_the_bundle_spec(
+    tmp_path, synthetic_datamodule
+):
+    from faultsense.export import export_checkpoint
+    from faultsense.models.net import CategoryHead
+
+    dm = synthetic_datamodule
+    spec = cnn_spec()
+    model = FaultClassifier(
+        net={**{k: spec[k] for k in ("frontend", "backbone")}, "head": {"by_category": True}},
+        labels=list(dm.labels),
+        sample_rate=dm.sample_rate,
+        clip_samples=dm.clip_samples,
+        num_categories=len(dm.categories),
+        category_labels=list(dm.category_labels),
+        aux_weight=1.0,
+    )
+    assert isinstance(model.net.head, CategoryHead) and model.aux_head is None
+    # dog is the synthetic source's aux-only category: no label
+    assert dm.category_labels[dm.categories.index("dog")] == -1
+    head_spec = model.net_spec()["head"]
+    assert "by_category" not in head_spec and head_spec["category_labels"] == dm.category_labels
+
+    with torch.no_grad():
+        embedding = model.net.embed(torch.randn(4, dm.clip_samples))
+    labeled_only = torch.tensor([[0, -1], [1, -1], [2, -1], [3, -1]])
+    categories_only = torch.tensor([[-1, 0], [-1, 2], [-1, 4], [-1, 8]])
+    assert float(model._embedding_loss(embedding, categories_only)) > 0  # aux clips count
+    assert float(model._embedding_loss(embedding, labeled_only)) > 0  # uploads count
+
+    trainer = few_steps_trainer(2)
+    trainer.fit(model, datamodule=dm)
+    ckpt = tmp_path / "by_category.ckpt"
+    trainer.save_checkpoint(ckpt)
+    net, _ = export_checkpoint(ckpt)
+    rebuilt = build_net(net.spec)
+    rebuilt.load_state_dict(net.state_dict())
+    wave = torch.randn(2, dm.clip_samples)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.eval()(wave), model.eval()(wave), atol=1e-5)
+
+
+def test_by_category_head_names_the_labels_without_categories():
+    spec = cnn_spec()
+    with pytest.raises(ConfigError, match="none for: fluid_leak"):
+        FaultClassifier(
+            net={**{k: spec[k] for k in ("frontend", "backbone")}, "head": {"by_category": True}},
+            labels=["electrical_fault", "fluid_leak"],
+            category_labels=[0, 0, -1],
+        )

@@ -109,6 +109,8 @@ class FaultDataModule(LightningDataModule):
         # Until the rows are read: the configured labels, else the default ones.
         self.labels: list[str] = list(self.label_config or LABELS)
         self.categories: list[str] = []
+        # Each category's label index (-1: no label, or rows of several labels).
+        self.category_labels: list[int] = []
         self.sample_rate = int(sample_rate)
         self.clip_samples = int(round(clip_seconds * sample_rate))
         self.train_hop_seconds = None if train_hop_seconds is None else float(train_hop_seconds)
@@ -240,6 +242,7 @@ class FaultDataModule(LightningDataModule):
         self.categories = sorted({r.category for r in rows if r.category})
         index = {c: i for i, c in enumerate(self.categories)}
         categories = np.array([index.get(r.category, -1) for r in rows], dtype=np.int64)
+        self.category_labels = category_labels(categories, labels, len(self.categories))
         self.folds_present = sorted({int(f) for f in folds if f > 0})
         present = ", ".join(map(str, self.folds_present))
         if self.val_fold not in self.folds_present:
@@ -414,3 +417,13 @@ def windows(row: ManifestRow, clip: float, hop: float) -> list[ManifestRow]:
 
 def _combine(fingerprints: Iterable[str]) -> str:
     return hashlib.sha256("|".join(fingerprints).encode()).hexdigest()
+
+
+def category_labels(categories: np.ndarray, labels: np.ndarray, num_categories: int) -> list[int]:
+    """Each category's label index from the rows that have both [N] (-1 where a category's
+    rows carry no label, or more than one)."""
+    out = []
+    for k in range(num_categories):
+        seen = np.unique(labels[(categories == k) & (labels >= 0)])
+        out.append(int(seen[0]) if len(seen) == 1 else -1)
+    return out

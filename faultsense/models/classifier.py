@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..figures import confusion_figure, rgba_image
 from ..taxonomy import LABELS
 from .frontend import WaveAugment, mixup
-from .net import BACKBONES, FaultNet, Head, build_net  # noqa: F401  (re-exported)
+from .net import BACKBONES, CategoryHead, FaultNet, Head, build_net  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,24 @@ def _labels_and_classes(labels: Any, num_classes: int | None) -> tuple[list[str]
     if len(labels) != num_classes:
         raise ConfigError(f"{len(labels)} labels given for num_classes={num_classes}.")
     return labels, num_classes
+
+
+def _category_head(
+    net: dict[str, Any], category_labels: list[int] | None, labels: list[str]
+) -> dict[str, Any]:
+    """`net` with `head.by_category` turned into the head's `category_labels` (a spec that
+    rebuilds without the data), or dropped when false."""
+    head = dict(net.get("head") or {})
+    if not head.pop("by_category", False):
+        return {**net, "head": head}
+    covered = {i for i in category_labels or [] if i >= 0}
+    missing = [label for i, label in enumerate(labels) if i not in covered]
+    if missing:
+        raise ConfigError(
+            "model.net.head.by_category=true needs source categories (e.g. ESC-50's) for every "
+            f"label; none for: {', '.join(missing)}. Set model.net.head.by_category=false."
+        )
+    return {**net, "head": {**head, "category_labels": [int(i) for i in category_labels or []]}}
 
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -113,10 +131,11 @@ class FaultClassifier(L.LightningModule):
         num_categories: int = 0,
         aux_weight: float = 0.0,
         distill: Mapping[str, Any] | None = None,
+        category_labels: list[int] | None = None,
     ) -> None:
         super().__init__()
-        net = plain(net)
         labels, num_classes = _labels_and_classes(labels, num_classes)
+        net = _category_head(plain(net), category_labels, labels)
         self.net = build_net(
             {
                 **net,
@@ -156,7 +175,7 @@ class FaultClassifier(L.LightningModule):
         # (models/embeddings.py): set by the trainer's caller, never saved (serving = waves).
         self.inputs = "wave"
         self.aux_head: Head | None = None
-        if aux_weight > 0 and num_categories > 1:
+        if aux_weight > 0 and num_categories > 1 and not isinstance(self.net.head, CategoryHead):
             head_spec = dict(self.net.spec.get("head") or {})
             self.aux_head = Head(
                 self.net.backbone.out_dim,
@@ -210,8 +229,10 @@ class FaultClassifier(L.LightningModule):
         """hard_weight x fault loss + aux_weight x category loss, targets [B, 2] = (label,
         category)."""
         loss = hard_weight * self._loss(self.net.head(embedding), targets[:, 0], self.class_weights)
-        if self.aux_head is not None:
-            aux = self._loss(self.aux_head(embedding), targets[:, 1])
+        head = self.net.head
+        scorer = head.category_logits if isinstance(head, CategoryHead) else self.aux_head
+        if scorer is not None and self.hparams["aux_weight"] > 0:
+            aux = self._loss(scorer(embedding), targets[:, 1])
             loss = loss + self.hparams["aux_weight"] * aux
         return loss
 

@@ -68,6 +68,49 @@ class Head(nn.Module):
         return self.layers(x)
 
 
+class CategoryHead(nn.Module):
+    """Embedding [B, in_dim] -> label logits [B, num_classes], scored through the source's
+    finer categories: a Head scores every category [B, K], and a label's logit is the
+    log-sum-exp of its categories' logits, so softmax over labels is each label's share of
+    the probability its categories get (categories without a label compete in training
+    only). A fault label lumps unrelated sounds together (saws and clocks); one linear
+    boundary per sound is easier to learn than one per lump.
+
+    `category_labels[k]` is category k's label index, -1 for a category with none.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        category_labels: list[int],
+        hidden: int = 0,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        members = torch.zeros(num_classes, len(category_labels), dtype=torch.bool)
+        for k, label in enumerate(category_labels):
+            if label >= 0:
+                members[int(label), k] = True
+        empty = [i for i in range(num_classes) if not bool(members[i].any())]
+        if empty:
+            raise ConfigError(
+                f"model.net.head.by_category: label index {empty} has no category in the "
+                "data; use a plain head (by_category: false) for labels without categories."
+            )
+        self.categories = Head(in_dim, len(category_labels), hidden, dropout)
+        # -1e4 not -inf: exp() of it is 0 in float32, and ONNX/quantisers keep it finite
+        self.register_buffer("mask", (~members).float() * -1e4, persistent=False)
+
+    def category_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedding [B, in_dim] -> category logits [B, K]."""
+        return self.categories(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.category_logits(x).unsqueeze(1) + self.mask  # [B, L, K]
+        return torch.logsumexp(scores, dim=2)
+
+
 class FaultNet(nn.Module):
     """Waveform [B, T] float32 at `spec['sample_rate']` -> logits [B, num_classes].
 
@@ -75,7 +118,9 @@ class FaultNet(nn.Module):
     `spec` is the plain dict `build_net` rebuilds this exact architecture from.
     """
 
-    def __init__(self, frontend: Frontend, backbone: nn.Module, head: Head, spec: dict) -> None:
+    def __init__(
+        self, frontend: Frontend, backbone: nn.Module, head: Head | CategoryHead, spec: dict
+    ) -> None:
         super().__init__()
         self.frontend = frontend
         self.backbone = backbone
@@ -114,7 +159,11 @@ def build_net(spec: Mapping[str, Any]) -> FaultNet:
     except TypeError as err:
         raise ConfigError(f"model.net.backbone ({target}): {err}") from None
     head_spec = dict(spec.get("head") or {})
-    head = Head(backbone.out_dim, int(spec["num_classes"]), **head_spec)
+    head_cls = CategoryHead if "category_labels" in head_spec else Head
+    try:
+        head = head_cls(backbone.out_dim, int(spec["num_classes"]), **head_spec)
+    except TypeError as err:
+        raise ConfigError(f"model.net.head: {err}") from None
     resolved = backbone.spec() if hasattr(backbone, "spec") else backbone_spec
     full = {
         "frontend": dict(spec["frontend"]),
