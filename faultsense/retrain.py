@@ -18,8 +18,12 @@ The decision is recorded in the new bundle's `retrain` entry and, with `job_dir`
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -28,8 +32,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import CONFIG_DIR
+from .confidence import bin_counts, predict_loader
 from .config import instantiate, plain, resolved_config, run_cli, utc_now
 from .errors import ConfigError, FaultSenseError, ModelError
+from .fileio import write_json_atomic
 from .registry import Bundle, Registry, fault_point
 from .retrain_job import JobStatus
 from .train import curves_log, finish_wandb_run, loggers_and_callbacks
@@ -63,23 +69,47 @@ class _Progress(L.Callback):
         self.status.update(epoch=int(trainer.current_epoch) + 1, metrics=metrics)
 
 
-@torch.inference_mode()
-def evaluate(net: torch.nn.Module, loader: Any, num_classes: int) -> dict[str, float]:
-    """Accuracy and macro F1 of an eval-mode net over a loader of (waves [B, T], labels [B], ...)."""
-    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+@dataclass
+class SplitScores:
+    """A net on one split: its metrics, confusion matrix (rows = true label) and the top
+    probability of each clip."""
 
-    net.eval()
-    preds, targets = [], []
-    for waves, labels, *_ in loader:
-        preds.append(net(waves).argmax(dim=1))
-        targets.append(labels)
-    if not preds:
+    metrics: dict[str, float]
+    confusion: list[list[int]]
+    confidences: list[float]
+
+
+def score_split(net: torch.nn.Module, loader: Any, num_classes: int) -> SplitScores:
+    """Accuracy, macro F1, confusion and confidences of `net` over a loader of (waves [B, T],
+    labels [B], ...), in one pass."""
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_confusion_matrix,
+        multiclass_f1_score,
+    )
+
+    probs, t = predict_loader(net, loader)
+    if not len(probs):
         raise ConfigError("The evaluation split is empty: nothing to compare models on.")
-    p, t = torch.cat(preds), torch.cat(targets)
-    return {
-        "acc": float(multiclass_accuracy(p, t, num_classes, average="micro")),
-        "f1_macro": float(multiclass_f1_score(p, t, num_classes, average="macro")),
-    }
+    top, p = probs.max(dim=1)
+    return SplitScores(
+        metrics={
+            "acc": float(multiclass_accuracy(p, t, num_classes, average="micro")),
+            "f1_macro": float(multiclass_f1_score(p, t, num_classes, average="macro")),
+        },
+        confusion=multiclass_confusion_matrix(p, t, num_classes).tolist(),
+        confidences=top.tolist(),
+    )
+
+
+def split_metrics(scores: Mapping[str, SplitScores]) -> dict[str, float]:
+    """{"<split>/<metric>": value} over the splits scored."""
+    return {f"{name}/{key}": v for name, s in scores.items() for key, v in s.metrics.items()}
+
+
+def evaluate(net: torch.nn.Module, loader: Any, num_classes: int) -> dict[str, float]:
+    """Accuracy and macro F1 of a net over a loader of (waves [B, T], labels [B], ...)."""
+    return score_split(net, loader, num_classes).metrics
 
 
 def gate(
@@ -170,10 +200,11 @@ def _retrain(cfg: DictConfig, status: JobStatus, data_overrides: Sequence[str]) 
     parent_net = parent.load_net()
     log.info("Fine-tuning %s for %d epochs on data from %s", parent.version, epochs, data_from)
     datamodule = _datamodule(cfg, parent)
-    net, meta = fine_tune(cfg, parent, parent_net, datamodule, status, epochs)
+    tuned = fine_tune(cfg, parent, parent_net, datamodule, status, epochs)
 
     status.update(stage="evaluating")
-    split, new_metrics, current_metrics = evaluate_both(net, parent_net, datamodule)
+    split, scores, current_metrics = evaluate_both(tuned.net, parent_net, datamodule)
+    new_metrics = split_metrics(scores)
     decision = gate(
         new_metrics,
         current_metrics,
@@ -188,7 +219,8 @@ def _retrain(cfg: DictConfig, status: JobStatus, data_overrides: Sequence[str]) 
                         "source": cfg.data.get("source")}  # fmt: skip
 
     status.update(stage="registering")
-    version = register(registry, net, meta, decision, datamodule, cfg)
+    version = register(registry, tuned.net, tuned.meta, decision, datamodule, cfg)
+    write_summary(cfg, datamodule, tuned, scores, version)
     status.write_decision(decision)
     log.info("Registered %s (parent %s): %s", version, parent.version, decision["reason"])
     return {
@@ -282,6 +314,19 @@ def _data_override_keys(overrides: Sequence[str]) -> list[tuple[str, bool]] | No
     return keys
 
 
+@dataclass
+class FineTuned:
+    """What `fine_tune` leaves: the best (eval-mode) net, its bundle meta (net_spec, labels,
+    sample_rate, clip_samples, training_log), the LightningModule holding that net, the
+    checkpoint it came from ('' when none) and the fit's timing (fit_seconds, epochs)."""
+
+    net: torch.nn.Module
+    meta: dict[str, Any]
+    model: L.LightningModule
+    best_ckpt_path: str
+    timing: dict[str, float]
+
+
 def fine_tune(
     cfg: DictConfig,
     parent: Bundle,
@@ -289,9 +334,8 @@ def fine_tune(
     datamodule: Any,
     status: JobStatus,
     epochs: int,
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train a copy of `parent_net` for `epochs`; returns the best (eval-mode) net and its
-    bundle meta (net_spec, labels, sample_rate, clip_samples)."""
+) -> FineTuned:
+    """Train a copy of `parent_net` for `epochs`; returns the best net and what goes with it."""
     from .export import export_checkpoint
 
     model = _classifier(cfg, parent, datamodule)
@@ -305,13 +349,16 @@ def fine_tune(
         logger=loggers or False,
     )
     status.update(stage="training", max_epochs=epochs)
+    started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
+    timing = {"fit_seconds": time.perf_counter() - started, "epochs": trainer.current_epoch}
 
     fault_point("export")
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None else ""
     if best:
         net, meta = export_checkpoint(best)
+        model.net.load_state_dict(net.state_dict())  # the module now holds the shipped net
     else:
         net, meta = (
             model.net.eval(),
@@ -323,7 +370,7 @@ def fine_tune(
             },
         )
     meta["training_log"] = curves_log(trainer, cfg.paths.output_dir)
-    return net, meta
+    return FineTuned(net, meta, model, best, timing)
 
 
 def _classifier(cfg: DictConfig, parent: Bundle, datamodule: Any) -> Any:
@@ -350,21 +397,41 @@ def _classifier(cfg: DictConfig, parent: Bundle, datamodule: Any) -> Any:
 
 def evaluate_both(
     net: torch.nn.Module, parent_net: torch.nn.Module, datamodule: Any
-) -> tuple[str, dict[str, float], dict[str, float]]:
-    """(split, new metrics, current metrics): the new net on val (+ test), the current one on
-    the evaluation split only (test; val when the test fold is absent)."""
+) -> tuple[str, dict[str, SplitScores], dict[str, float]]:
+    """(split, the new net's scores per split, current metrics): the new net on val (+ test),
+    the current one on the evaluation split only (test; val when the test fold is absent)."""
     num_classes = len(datamodule.labels)
     split = "test" if datamodule.has_test else "val"
     splits = [("val", datamodule.val_dataloader())]
     if datamodule.has_test:
         splits.append(("test", datamodule.test_dataloader()))
-    new_metrics = {
-        f"{name}/{key}": value
-        for name, loader in splits
-        for key, value in evaluate(net, loader, num_classes).items()
-    }
+    scores = {name: score_split(net, loader, num_classes) for name, loader in splits}
     current = evaluate(parent_net, splits[-1][1], num_classes)
-    return split, new_metrics, {f"{split}/{key}": value for key, value in current.items()}
+    return split, scores, {f"{split}/{key}": value for key, value in current.items()}
+
+
+def write_summary(
+    cfg: DictConfig,
+    datamodule: Any,
+    tuned: FineTuned,
+    scores: Mapping[str, SplitScores],
+    version: str,
+) -> Path:
+    """The run's metrics.json in train.py's shape (its `_write_summary`), for the new
+    bundle's Insights and drift reference: the registered net's metrics and confusion
+    matrices, and its validation confidence histogram (`confidence_histogram.val`)."""
+    from .train import TrainResult, _write_summary
+
+    path = Path(cfg.paths.output_dir) / "metrics.json"
+    result = TrainResult(split_metrics(scores))
+    result.best_ckpt_path, result.version = tuned.best_ckpt_path, version
+    tuned.model.confusion = {name: s.confusion for name, s in scores.items()}
+    _write_summary(path, cfg, result, datamodule, tuned.model, tuned.timing)
+    summary = json.loads(path.read_text())
+    # train.py's summary may compute it itself one day; the same bins either way.
+    summary.setdefault("confidence_histogram", {"val": bin_counts(scores["val"].confidences)})
+    write_json_atomic(path, summary)
+    return path
 
 
 def _decision_context(cfg: DictConfig, datamodule: Any, split: str, epochs: int) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from faultsense.confidence import bin_counts
 from faultsense.config import utc_now
 from faultsense.errors import ConfigError
 
@@ -483,14 +484,6 @@ def psi(expected: Sequence[float], actual: Sequence[float]) -> float:
     return score
 
 
-def histogram(values: Iterable[float], bins: int) -> list[int]:
-    """Counts of `values` in `bins` equal bins over [0, 1] (1.0 in the last)."""
-    counts = [0] * bins
-    for v in values:
-        counts[min(bins - 1, max(0, int(float(v) * bins)))] += 1
-    return counts
-
-
 def drift(
     recent: Sequence[Mapping[str, Any]], reference: Mapping[str, Any], s: MonitorSettings
 ) -> dict:
@@ -512,7 +505,7 @@ def drift(
     out["label_psi"] = round(psi([ref_labels[x] for x in labels], counts), 4)
     ref_conf = reference.get("confidence")
     if ref_conf:
-        actual = histogram((r.get("confidence") or 0.0 for r in recent), len(ref_conf))
+        actual = bin_counts((r.get("confidence") or 0.0 for r in recent), len(ref_conf))
         out["confidence_psi"] = round(psi(ref_conf, actual), 4)
     out["score"] = max(v for v in (out["label_psi"], out["confidence_psi"]) if v is not None)
     if len(recent) < s.min_predictions:
@@ -577,7 +570,7 @@ def monitor_report(
         },
         "confidence": {
             "bins": [round(i / s.confidence_bins, 4) for i in range(s.confidence_bins + 1)],
-            "counts": histogram(confidences, s.confidence_bins),
+            "counts": bin_counts(confidences, s.confidence_bins),
         },
         "low_confidence": {
             "threshold": s.low_confidence,
