@@ -14,6 +14,11 @@ phase of its `x-faultsense-timing` header (serving/worker.py PHASES). Asserts no
     python experiments/bench_serve.py --registry models    # the current trained model
     python experiments/bench_serve.py --server-arg server.max_batch_size=16 --skip-naive
     python experiments/bench_serve.py --accelerator cuda --concurrency 1 32 128
+    python experiments/bench_serve.py --runtime torch onnx --skip-naive --seconds 5
+
+`--runtime torch onnx` compares the worker's runtimes (`server.runtime`) in one run: the
+model-only limit of each (interleaved, `--model-batch 1 32` for both batch sizes), then
+the server on each.
 
 Without --registry a default-config (untrained) FaultNet is registered in a temp
 registry: serving cost does not depend on the weights, and the bench then runs anywhere.
@@ -232,19 +237,22 @@ def phase_table(rows: list[dict]) -> str:
 # -- the model-only limit -----------------------------------------------------------------
 
 
-def _model_worker(registry: str, device: str, seconds: float, barrier: Any, out: Any) -> None:
-    """One process: the Predictor (one torch thread) on batches of 32 decoded 5-s clips,
-    timed for `seconds` once every process is warm; puts clips/s on `out`."""
+def _model_worker(
+    registry: str, device: str, seconds: float, barrier: Any, out: Any, runtime: str, batch: int
+) -> None:
+    """One process: the Predictor (one torch thread, `runtime`) on batches of `batch`
+    decoded 5-s clips, timed for `seconds` once every process is warm; puts clips/s on `out`."""
     import torch
 
     from faultsense.audio import decode
     from faultsense.inference import Predictor
 
     torch.set_num_threads(1)
-    predictor = Predictor.from_registry(registry, device=device)
+    cache = Path(registry).parent / "onnx-cache"
+    predictor = Predictor.from_registry(registry, device=device, runtime=runtime, onnx_cache=cache)
     clips = [
         decode(b, sample_rate=predictor.sample_rate, max_seconds=None, name="bench")
-        for b in wav_bodies(32)
+        for b in wav_bodies(batch)
     ]
     for _ in range(3):
         predictor.predict(clips)
@@ -256,16 +264,16 @@ def _model_worker(registry: str, device: str, seconds: float, barrier: Any, out:
     out.put(done / (time.perf_counter() - started))
 
 
-def model_only(registry: Path, device: str, processes: int, seconds: float) -> list[float]:
+def model_only(
+    registry: Path, device: str, processes: int, seconds: float, runtime: str, batch: int
+) -> list[float]:
     """clips/s of each of `processes` Predictor processes running at once."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(processes), ctx.Queue()
-    procs = [
-        ctx.Process(target=_model_worker, args=(str(registry), device, seconds, barrier, out))
-        for _ in range(processes)
-    ]
+    work = (str(registry), device, seconds, barrier, out, runtime, batch)
+    procs = [ctx.Process(target=_model_worker, args=work) for _ in range(processes)]
     for proc in procs:
         proc.start()
     rates = [out.get(timeout=300) for _ in procs]
@@ -363,21 +371,30 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-model", action="store_true", help="no model-only limit")
     parser.add_argument("--model-seconds", type=float, default=8.0)
     parser.add_argument(
+        "--model-batch", type=int, nargs="+", default=[32], help="model-only batch sizes"
+    )
+    parser.add_argument(
+        "--runtime", nargs="+", default=["onnx"], choices=["torch", "onnx"],
+        help="server.runtime value(s) to measure, in this order (model-only and server)",
+    )  # fmt: skip
+    parser.add_argument(
         "--py-spy", help="path to py-spy: profile the server's processes during the last level"
     )
     return parser.parse_args()
 
 
-def run_faultsense(args: argparse.Namespace, registry: Path, work: Path, env: dict) -> list:
-    """FaultSense at each level (debug timing on), then its batching counters and, with
-    --py-spy, a profile of each process taken during the last level."""
+def run_faultsense(
+    args: argparse.Namespace, registry: Path, work: Path, env: dict, runtime: str
+) -> list:
+    """FaultSense on `runtime` at each level (debug timing on), then its batching counters
+    and, with --py-spy, a profile of each process taken during the last level."""
     import httpx
 
     port = free_port()
     argv = [
         sys.executable, "-m", "serving.server", f"port={port}", f"paths.registry_dir={registry}",
         f"jobs_dir={work / 'jobs'}", f"server.accelerator={args.accelerator}",
-        "server.debug_timing=true", *args.server_arg,
+        "server.debug_timing=true", f"server.runtime={runtime}", *args.server_arg,
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     bodies = wav_bodies(8)
@@ -388,7 +405,7 @@ def run_faultsense(args: argparse.Namespace, registry: Path, work: Path, env: di
         for job, _, _ in jobs:
             job.wait(timeout=args.seconds + 60)
         serving = httpx.get(f"{url}/status", timeout=10).json()["serving"]
-    print(table("FaultSense (LitServe)", rows))
+    print(table(f"FaultSense (LitServe, {runtime})", rows))
     print(f"server batching: {serving}\n")
     print("Where a FaultSense request's time goes (mean ms per phase, x-faultsense-timing):")
     print(phase_table(rows) + "\n")
@@ -413,6 +430,21 @@ def run_naive(args: argparse.Namespace, registry: Path, work: Path, env: dict) -
     return rows
 
 
+def print_model_only(args: argparse.Namespace, registry: Path) -> None:
+    """The model-only limit of each runtime and batch size, the runtimes interleaved."""
+    device = "cuda:0" if args.accelerator == "cuda" else "cpu"
+    procs = 1 if device != "cpu" else os.cpu_count() or 1
+    for batch in args.model_batch:
+        for runtime in args.runtime:
+            rates = model_only(registry, device, procs, args.model_seconds, runtime, batch)
+            print(
+                f"model-only limit ({runtime}, batch {batch}, {procs} process(es) x 1 thread "
+                f"on {device}, load {os.getloadavg()[0]:.1f}): {sum(rates):.0f} clips/s "
+                f"({', '.join(f'{r:.0f}' for r in rates)})"
+            )
+    print()
+
+
 def main() -> None:
     args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="faultsense-bench-"))
@@ -423,22 +455,18 @@ def main() -> None:
         env = {**os.environ, "FAULTSENSE_ROOT": str(work), "PYTHONUNBUFFERED": "1"}
         env.pop("FAULTSENSE_API_KEY", None)
         if not args.skip_model:
-            device = "cuda:0" if args.accelerator == "cuda" else "cpu"
-            procs = 1 if device != "cpu" else os.cpu_count() or 1
-            rates = model_only(registry, device, procs, args.model_seconds)
-            print(
-                f"model-only limit (Predictor, batch 32, {procs} process(es) x 1 torch thread "
-                f"on {device}, load {os.getloadavg()[0]:.1f}): {sum(rates):.0f} clips/s "
-                f"({', '.join(f'{r:.0f}' for r in rates)})\n"
-            )
-        ours = [] if args.skip_server else run_faultsense(args, registry, work, env)
+            print_model_only(args, registry)
+        ours = {}
+        if not args.skip_server:
+            ours = {rt: run_faultsense(args, registry, work, env, rt) for rt in args.runtime}
         naive = [] if args.skip_naive else run_naive(args, registry, work, env)
-        if ours and naive:
+        for runtime, rows in ours.items() if naive else ():
             print()
-            for mine, base in zip(ours, naive, strict=True):
+            for mine, base in zip(rows, naive, strict=True):
                 print(
-                    f"concurrency {mine['concurrency']:>3}: {mine['req_s'] / base['req_s']:.2f}x "
-                    f"the naive baseline's throughput"
+                    f"{runtime}, concurrency {mine['concurrency']:>3}: "
+                    f"{mine['req_s'] / base['req_s']:.2f}x the naive baseline's throughput "
+                    f"(p50 {mine['p50']:.1f} vs {base['p50']:.1f} ms)"
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
