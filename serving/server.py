@@ -93,6 +93,7 @@ def build_server(cfg: Any) -> ls.LitServer:
         workers_per_device=settings.workers_per_device,
         timeout=settings.request_timeout,
         restart_workers=settings.restart_workers,
+        fast_queue=settings.fast_queue,
         model_metadata={"name": "faultsense", "registry": str(Path(settings.registry_dir))},
         middlewares=[
             (
