@@ -25,16 +25,18 @@ def bin_counts(values: Iterable[float], bins: int = DEFAULT_BINS) -> list[int]:
 
 
 def predict_loader(model: Any, loader: Iterable[Any]) -> tuple[Any, Any]:
-    """(probabilities [N, C], targets [N]) of an eval-mode `model` (waves [B, T] -> logits
-    [B, C]) over a loader of (waves, labels, ...) batches, on the model's device."""
+    """(probabilities [N, C], targets [N]) of an eval-mode `model` over a loader of
+    (inputs, labels, ...) batches, on the model's device: a FaultClassifier scores what its
+    loaders yield (`eval_logits`: waves or cached embeddings), another module its forward."""
     import torch
 
     model.eval()
+    logits_of = getattr(model, "eval_logits", model)
     device = next(model.parameters()).device
     probs, targets = [], []
     with torch.inference_mode():
         for waves, labels, *_ in loader:
-            probs.append(torch.softmax(model(waves.to(device)).float(), dim=1).cpu())
+            probs.append(torch.softmax(logits_of(waves.to(device)).float(), dim=1).cpu())
             targets.append(labels.cpu())
     if not probs:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)

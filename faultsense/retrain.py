@@ -18,7 +18,6 @@ The decision is recorded in the new bundle's `retrain` entry and, with `job_dir`
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -35,7 +34,6 @@ from . import CONFIG_DIR
 from .confidence import bin_counts, predict_loader
 from .config import instantiate, plain, resolved_config, run_cli, utc_now
 from .errors import ConfigError, FaultSenseError, ModelError
-from .fileio import write_json_atomic
 from .registry import Bundle, Registry, fault_point
 from .retrain_job import JobStatus
 from .train import curves_log, finish_wandb_run, loggers_and_callbacks
@@ -417,20 +415,17 @@ def write_summary(
     scores: Mapping[str, SplitScores],
     version: str,
 ) -> Path:
-    """The run's metrics.json in train.py's shape (its `_write_summary`), for the new
+    """The run's metrics.json in train.py's shape (its `write_summary`), for the new
     bundle's Insights and drift reference: the registered net's metrics and confusion
     matrices, and its validation confidence histogram (`confidence_histogram.val`)."""
-    from .train import TrainResult, _write_summary
+    from .train import TrainResult, write_summary
 
     path = Path(cfg.paths.output_dir) / "metrics.json"
     result = TrainResult(split_metrics(scores))
     result.best_ckpt_path, result.version = tuned.best_ckpt_path, version
     tuned.model.confusion = {name: s.confusion for name, s in scores.items()}
-    _write_summary(path, cfg, result, datamodule, tuned.model, tuned.timing)
-    summary = json.loads(path.read_text())
-    # train.py's summary may compute it itself one day; the same bins either way.
-    summary.setdefault("confidence_histogram", {"val": bin_counts(scores["val"].confidences)})
-    write_json_atomic(path, summary)
+    confidence = bin_counts(scores["val"].confidences)
+    write_summary(path, cfg, result, datamodule, tuned.model, tuned.timing, confidence)
     return path
 
 

@@ -21,6 +21,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from . import CONFIG_DIR
+from .confidence import confidence_histogram
 from .config import instantiate, instantiate_all, plain, resolved_config, run_cli
 from .errors import ConfigError
 from .fileio import write_json_atomic
@@ -145,7 +146,7 @@ def train(cfg: DictConfig) -> TrainResult:
                     training_log=curves_log(trainer, output_dir),
                 )
                 log.info("registered %s as %s", result.best_ckpt_path, result.version)
-            _write_summary(output_dir / "metrics.json", cfg, result, datamodule, model, timing)
+            write_summary(output_dir / "metrics.json", cfg, result, datamodule, model, timing)
     finally:
         finish_wandb_run()
     return result
@@ -271,15 +272,19 @@ def metric_floats(metrics: Any, prefixes: tuple[str, ...]) -> dict[str, float]:
     }
 
 
-def _write_summary(
+def write_summary(
     path: Path,
     cfg: DictConfig,
     result: TrainResult,
     datamodule: Any,
     model: L.LightningModule,
     timing: Mapping[str, float],
+    confidence: list[int] | None = None,
 ) -> None:
-    """metrics.json next to the run: what the CV aggregator and humans read."""
+    """metrics.json next to the run: what the CV aggregator and humans read.
+    `confidence`: the val confidence histogram when the caller has it (else computed)."""
+    if confidence is None:
+        confidence = confidence_histogram(model, datamodule.val_dataloader())
     train_clips = len(datamodule.train_set)  # aux-only clips included: they cost as much
     fit_seconds, epochs = float(timing["fit_seconds"]), int(timing["epochs"])
     summary = {
@@ -290,6 +295,8 @@ def _write_summary(
         "test_fold": cfg.data.get("test_fold"),
         "seed": cfg.get("seed"),
         "confusion": model.confusion,
+        # the drift check's reference for served confidences (serving/monitor.py)
+        "confidence_histogram": {"val": confidence},
         "labels": list(datamodule.labels),
         "timing": {
             "fit_seconds": round(fit_seconds, 2),

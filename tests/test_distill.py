@@ -76,6 +76,7 @@ def test_distill_experiment_trains_a_teacher_then_the_student_on_its_soft_labels
     logits = np.load(tmp_path / "run" / "teacher_logits.npy")
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert logits.shape == (summary["timing"]["train_clips"], 4)  # every training clip
+    assert sum(summary["confidence_histogram"]["val"]) > 0  # scored on the val clips
     assert np.isfinite(logits).all() and logits.std() > 0
     teacher = json.loads((tmp_path / "run" / "teacher.json").read_text())
     assert teacher["net"]["backbone"]["_target_"].endswith("YamnetBackbone")

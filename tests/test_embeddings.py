@@ -4,6 +4,8 @@ the whole net (encoder + head) that serves the same logits from waveforms."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -87,11 +89,15 @@ def test_a_head_trained_on_cached_embeddings_registers_the_whole_net(
     assert result.version and 0.0 <= result["val/f1_macro"] <= 1.0
     net = Registry(cfg.paths.registry_dir).current().load_net()
     assert net.spec["backbone"]["_target_"] == "faultsense.models.yamnet.YamnetBackbone"
+    assert "category_labels" in net.spec["head"]  # the preset's head scores categories
 
     from faultsense.data.datamodule import prepared_datamodule
 
     datamodule = prepared_datamodule(cfg.data, aux_clips=False)
     waves = datamodule.val_set.__getitems__(np.arange(len(datamodule.val_set)))[0]
+    # scored on cached embeddings, one count per val clip: the drift check's reference
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert sum(summary["confidence_histogram"]["val"]) == len(waves)
     # the bundle's net keys the cache training wrote: served and trained on the same thing
     assert embeddings_path(datamodule.caches[0].path, encoder_key(net)).exists()
     cached = embedding_datamodule(datamodule, net).val_set

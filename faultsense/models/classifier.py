@@ -240,6 +240,10 @@ class FaultClassifier(L.LightningModule):
         """A batch's embedding: the net's on waves, the batch itself on cached embeddings."""
         return x if self.inputs == "embedding" else self.net.embed(x)
 
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] of what this model's loaders yield: waves, or cached embeddings."""
+        return self.net.head(self._embed(x))
+
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int):
         x, target, category, *teacher = batch
         targets = torch.stack([target, category], dim=1)
@@ -269,7 +273,7 @@ class FaultClassifier(L.LightningModule):
 
     def _eval_step(self, batch: tuple[torch.Tensor, ...], stage: str) -> None:
         x, target, *_ = batch
-        logits = self.net.head(self._embed(x))
+        logits = self.eval_logits(x)
         loss_metric = self.val_loss if stage == "val" else self.test_loss
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         confmat = self.val_confmat if stage == "val" else self.test_confmat
