@@ -65,6 +65,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         metrics.update(metric_floats(trainer.test(model, datamodule=datamodule)[0], ("test/",)))
     else:
         log.warning("test fold %s not present, skipping test", cfg.data.get("test_fold"))
+    from .train import recording_scores
+
+    metrics.update(recording_scores(model, datamodule, datamodule.has_test))
 
     tolerance = float(cfg.get("tolerance", 1e-4))
     for name, value in stored.items():

@@ -137,6 +137,7 @@ def train(cfg: DictConfig) -> TrainResult:
         if cfg.get("test", True):
             _test_best(cfg, trainer, model, datamodule, result)
         if trainer.is_global_zero:
+            result.update(recording_scores(model, datamodule, bool(cfg.get("test", True))))
             if cfg.get("register") and result.best_ckpt_path:
                 result.version = register_run(
                     result.best_ckpt_path,
@@ -182,6 +183,20 @@ def build_model(model_cfg: Any, datamodule: Any, class_weighted: bool) -> L.Ligh
         category_labels=list(datamodule.category_labels),
         _recursive_=False,
     )
+
+
+def recording_scores(model: Any, datamodule: Any, test: bool) -> dict[str, float]:
+    """Val (and test) metrics of each windowed recording scored whole, as serving scores
+    it (faultsense/recordings.py); {} when no recording was cut into windows."""
+    from .recordings import recording_metrics
+
+    base = getattr(datamodule, "inner", datamodule)  # cached embeddings: the clips behind them
+    splits = [("val/", base.val_set)] + ([("test/", base.test_set)] if test else [])
+    out: dict[str, float] = {}
+    for prefix, split in splits:
+        if split is not None:
+            out.update(recording_metrics(model.net, model.labels, base.caches, split, prefix))
+    return out
 
 
 def _validate_best(

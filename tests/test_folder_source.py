@@ -242,3 +242,35 @@ def test_smoke_training_learns_three_labels_of_its_own(tmp_path: Path):
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["labels"] == sorted(OWN_LABELS)
     assert np.array(summary["confusion"]["test"]).shape == (3, 3)
+    # The 1-s files were 0.5-s windows in training; each is also scored whole, as served.
+    from faultsense.data.datamodule import prepared_datamodule
+    from faultsense.recordings import split_rows
+
+    dm = prepared_datamodule(cfg.data)
+    val_files = {r.path for r in split_rows(dm.caches, dm.val_set)}
+    assert summary["metrics"]["val/recordings"] == len(val_files) > 0
+    assert metrics["val/recording_f1_macro"] >= 0.8 and "test/recording_acc" in metrics
+
+
+def test_windowed_rows_are_scored_as_the_recordings_they_came_from(tmp_path: Path):
+    from faultsense.data.manifest import ManifestRow
+    from faultsense.recordings import macro_f1, recordings
+
+    def row(rid: str, offset: float = 0.0, length: float | None = None) -> ManifestRow:
+        return ManifestRow(
+            id=rid,
+            path=f"/x/{rid.split('#')[0]}.wav",
+            category="",
+            label="idle",
+            fold=1,
+            source="folder",
+            offset=offset,
+            length=length,
+        )
+
+    whole = [row("a"), row("b")]
+    assert recordings(whole) == []  # nothing windowed: the clip metrics are the recordings'
+    windows = [row("long#0", 1.0, 0.5), row("long#1", 1.5, 0.5), row("long#2", 1.7, 0.5), row("a")]
+    spans = {r.id: (r.offset, r.length) for r in recordings(windows)}
+    assert spans == {"long": (1.0, pytest.approx(1.2)), "a": (0.0, None)}
+    assert macro_f1(np.array([0, 0, 1]), np.array([0, 1, 1]), 3) == pytest.approx(2 / 3)
