@@ -102,10 +102,14 @@ FRONTEND_CHUNK = 2
 
 class OnnxRunner:
     """Waveforms [N, clip_samples] (a CPU tensor) -> logits [N, C] (a CPU tensor): the
-    frontend in torch, FRONTEND_CHUNK clips at a time, the rest in ONNX Runtime."""
+    frontend in torch, FRONTEND_CHUNK clips at a time, the rest in ONNX Runtime. Rows
+    that come out non-finite are recomputed by `whole` (the traced torch net): huge
+    samples (a float WAV of 1e30s) overflow the split graph's power spectrum to NaN,
+    while the traced whole net stays finite (tests/test_hostile_inputs.py)."""
 
-    def __init__(self, frontend: Any, session: Any, source: str) -> None:
+    def __init__(self, frontend: Any, session: Any, source: str, whole: Any) -> None:
         self.frontend = frontend
+        self.whole = whole
         self.session = session
         self.input_name = session.get_inputs()[0].name
         self.source = source  # "cache" or "export": where the ONNX graph came from
@@ -119,8 +123,12 @@ class OnnxRunner:
                 for i in range(0, len(wave), FRONTEND_CHUNK)
             ]
             features = parts[0] if len(parts) == 1 else torch.cat(parts)
-        logits = self.session.run(None, {self.input_name: features.numpy()})[0]
-        return torch.from_numpy(logits)
+        logits = torch.from_numpy(self.session.run(None, {self.input_name: features.numpy()})[0])
+        bad = ~torch.isfinite(logits).all(dim=1)
+        if bad.any():
+            with torch.inference_mode():
+                logits[bad] = self.whole(wave[bad]).to(logits.dtype)
+        return logits
 
 
 def build_onnx_runner(
@@ -135,15 +143,16 @@ def build_onnx_runner(
     net = net.to("cpu").eval()
     if not all(hasattr(net, part) for part in ("frontend", "backbone", "head")):
         raise ModelError(f"{type(net).__name__} has no frontend/backbone/head to split.")
-    frontend, used = build_runner(net.frontend, clip_samples, "jit")
+    parts = (
+        build_runner(net.frontend, clip_samples, "jit")[0],
+        build_runner(net, clip_samples, "jit")[0],
+    )
     cached = _cache_path(cache_dir, net, key)
     runner = None
     if cached is not None and cached.is_file():
-        runner = _checked_runner(
-            net, frontend, cached, clip_samples, threads, "cache", raise_=False
-        )
+        runner = _checked_runner(net, parts, cached, clip_samples, threads, "cache", raise_=False)
     if runner is None:
-        runner = _export_runner(net, frontend, clip_samples, cached, threads)
+        runner = _export_runner(net, parts, clip_samples, cached, threads)
     return runner
 
 
@@ -162,7 +171,7 @@ def _cache_path(cache_dir: Path | None, net: nn.Module, key: str | None) -> Path
 
 
 def _export_runner(
-    net: nn.Module, frontend: Any, clip_samples: int, cached: Path | None, threads: int
+    net: nn.Module, parts: tuple, clip_samples: int, cached: Path | None, threads: int
 ) -> OnnxRunner:
     """Export the rest of `net` (to `cached`, atomically, when given), check and load it."""
     if cached is not None:
@@ -175,7 +184,7 @@ def _export_runner(
     tmp = Path(tmp_name)
     try:
         _export_rest(net, clip_samples, tmp)
-        runner = _checked_runner(net, frontend, tmp, clip_samples, threads, "export")
+        runner = _checked_runner(net, parts, tmp, clip_samples, threads, "export")
         if cached is not None:
             os.replace(tmp, cached)
         return runner
@@ -213,20 +222,20 @@ def _export_rest(net: nn.Module, clip_samples: int, path: Path) -> None:
 
 def _checked_runner(
     net: nn.Module,
-    frontend: Any,
+    parts: tuple,
     path: Path,
     clip_samples: int,
     threads: int,
     source: str,
     raise_: bool = True,
 ) -> OnnxRunner | None:
-    """An OnnxRunner over the graph at `path` if it reproduces eager `net`; else a
-    ModelError (or None when not `raise_`)."""
+    """An OnnxRunner over the graph at `path` and `parts` (traced frontend, traced whole
+    net) if it reproduces eager `net`; else a ModelError (or None when not `raise_`)."""
     import numpy as np
     import torch
 
     try:
-        runner = OnnxRunner(frontend, _session(path, threads), source)
+        runner = OnnxRunner(parts[0], _session(path, threads), source, parts[1])
         waves = torch.randn(3, clip_samples, generator=torch.Generator().manual_seed(1)) * 0.1
         with torch.inference_mode():
             diff = float((runner(waves) - net(waves)).abs().max())

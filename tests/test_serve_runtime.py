@@ -141,3 +141,15 @@ def test_server_serves_on_onnx_runtime(tmp_path, trained_registry, torch_predict
     got = resp.json()
     assert got["label"] == want["label"]
     assert max(abs(got["probabilities"][k] - v) for k, v in want["probabilities"].items()) < 1e-4
+
+
+def test_overflowing_samples_give_the_torch_answer_not_nan(trained_registry, torch_predictor):
+    # 1e30 samples overflow the split graph's power spectrum; those rows go through torch.
+    predictor = Predictor.from_registry(trained_registry, runtime="onnx")
+    clips = [np.full(4000, 1e30, dtype=np.float32), noisy_tone(1.0, 2)]
+    got, want = (
+        probabilities(predictor.predict(clips)),
+        probabilities(torch_predictor.predict(clips)),
+    )
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() < 1e-4
