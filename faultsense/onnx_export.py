@@ -13,6 +13,13 @@ convolutions alone ran ~2x faster than torch's at batch 1 and ~1.2x at batch 32
 exporter (~1 s against the dynamo exporter's ~8 s: a hot reload waits for it) into a
 cache keyed by the bundle's weights and spec, and checked against eager PyTorch every
 time it is loaded. torch, numpy and onnxruntime are imported inside the functions.
+
+Where the torch part ends: a backbone may say so with a pair of methods,
+`features(x) -> tensor` (runs in torch, after the net's frontend) and
+`from_features(features) -> embedding` (exported), with forward(x) ==
+from_features(features(x)). YamnetBackbone does: its framing (unfold) has no ONNX export,
+and its encoder runs ~2.4x faster in ONNX Runtime at batch 1 (experiments/yamnet_speed.py).
+Without the pair the split is the net's frontend | backbone + head.
 """
 
 from __future__ import annotations
@@ -102,7 +109,8 @@ FRONTEND_CHUNK = 2
 
 class OnnxRunner:
     """Waveforms [N, clip_samples] (a CPU tensor) -> logits [N, C] (a CPU tensor): the
-    frontend in torch, FRONTEND_CHUNK clips at a time, the rest in ONNX Runtime. Rows
+    torch part (`frontend`: the net's frontend, and the backbone's `features` if it has
+    them) FRONTEND_CHUNK clips at a time, the rest in ONNX Runtime. Rows
     that come out non-finite are recomputed by `whole` (the traced torch net): huge
     samples (a float WAV of 1e30s) overflow the split graph's power spectrum to NaN,
     while the traced whole net stays finite (tests/test_hostile_inputs.py)."""
@@ -144,7 +152,7 @@ def build_onnx_runner(
     if not all(hasattr(net, part) for part in ("frontend", "backbone", "head")):
         raise ModelError(f"{type(net).__name__} has no frontend/backbone/head to split.")
     parts = (
-        build_runner(net.frontend, clip_samples, "jit")[0],
+        build_runner(_torch_part(net), clip_samples, "jit")[0],
         build_runner(net, clip_samples, "jit")[0],
     )
     cached = _cache_path(cache_dir, net, key)
@@ -165,7 +173,9 @@ def _cache_path(cache_dir: Path | None, net: nn.Module, key: str | None) -> Path
     if cache_dir is None or not key:
         return None
     spec = json.dumps(getattr(net, "spec", None), sort_keys=True, default=str)
-    parts = (key, spec, torch.__version__, onnxruntime.__version__, str(OPSET), str(FRONTEND_CHUNK))
+    split = "features" if _splits_at_features(net.backbone) else "frontend"
+    parts = (key, spec, split, torch.__version__, onnxruntime.__version__, str(OPSET))
+    parts += (str(FRONTEND_CHUNK),)
     digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
     return Path(cache_dir) / f"rest-{digest}.onnx"
 
@@ -193,12 +203,12 @@ def _export_runner(
 
 
 def _export_rest(net: nn.Module, clip_samples: int, path: Path) -> None:
-    """Backbone + head of `net` (features of the frontend -> logits) as ONNX at `path`."""
+    """What follows `net`'s torch part (its features -> logits) as ONNX at `path`."""
     import torch
 
     example = torch.randn(2, clip_samples, generator=torch.Generator().manual_seed(0)) * 0.1
     with torch.no_grad():  # not inference_mode: the exporter traces with these tensors
-        features = net.frontend(example)
+        features = _torch_part(net)(example)
     try:
         # The TorchScript-based exporter: deprecated upstream (warnings silenced) but ~8x
         # faster than dynamo here, and a hot reload waits for it; parity is checked after.
@@ -266,9 +276,36 @@ def _session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _rest_module(net: nn.Module) -> nn.Module:
-    """What follows a FaultNet's frontend (backbone + head): features -> logits."""
+def _splits_at_features(backbone: nn.Module) -> bool:
+    """Whether `backbone` names where its torch part ends (`features` / `from_features`)."""
+    return all(callable(getattr(backbone, name, None)) for name in ("features", "from_features"))
+
+
+def _torch_part(net: nn.Module) -> nn.Module:
+    """What runs in torch: waveform -> the net's frontend, then the backbone's `features`
+    when it has the pair (see the module docstring)."""
     from torch import nn
+
+    if not _splits_at_features(net.backbone):
+        return net.frontend
+
+    class TorchPart(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frontend, self.backbone = net.frontend, net.backbone
+
+        def forward(self, wave: torch.Tensor) -> torch.Tensor:
+            return self.backbone.features(self.frontend(wave))
+
+    return TorchPart().eval()
+
+
+def _rest_module(net: nn.Module) -> nn.Module:
+    """What follows the torch part (`_torch_part`): its features -> logits, through the
+    backbone (or its `from_features`) and the head."""
+    from torch import nn
+
+    embed = net.backbone.from_features if _splits_at_features(net.backbone) else net.backbone
 
     class Rest(nn.Module):
         def __init__(self) -> None:
@@ -276,6 +313,6 @@ def _rest_module(net: nn.Module) -> nn.Module:
             self.backbone, self.head = net.backbone, net.head
 
         def forward(self, features: torch.Tensor) -> torch.Tensor:
-            return self.head(self.backbone(features))
+            return self.head(embed(features))
 
     return Rest().eval()

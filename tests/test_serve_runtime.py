@@ -14,6 +14,7 @@ from torch import nn
 from faultsense.audio import to_wav_bytes
 from faultsense.errors import ConfigError
 from faultsense.inference import Predictor
+from faultsense.models.net import build_net
 from faultsense.onnx_export import FRONTEND_CHUNK
 from serving.settings import ServeSettings, serve_settings
 from tests.fixtures.server import start_server
@@ -153,3 +154,46 @@ def test_overflowing_samples_give_the_torch_answer_not_nan(trained_registry, tor
     )
     assert np.isfinite(got).all()
     assert np.abs(got - want).max() < 1e-4
+
+
+def yamnet_net(clip_samples: int = 16_000) -> nn.Module:
+    """A YAMNet FaultNet with random weights and a CategoryHead (the accurate preset's shape).
+    He-initialised convs: the default init fades to one embedding for every input."""
+    spec = {
+        "frontend": {"kind": "waveform", "normalize": False},
+        "backbone": {"_target_": "faultsense.models.yamnet.YamnetBackbone", "weights": None},
+        "head": {"category_labels": [0, 1, 2, 0, -1, 1]},
+        "num_classes": 3,
+        "sample_rate": 16_000,
+        "clip_samples": clip_samples,
+    }
+    torch.manual_seed(0)
+    net = build_net(spec).eval()
+    for module in net.backbone.encoder.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    return net
+
+
+def test_yamnet_runs_its_encoder_on_onnx_runtime(tmp_path, caplog):
+    # YAMNet frames the waveform with unfold (no ONNX export): its backbone's features
+    # (log-mel patches) stay in torch, the encoder, pooling and head go to ONNX Runtime.
+    import onnxruntime as ort
+
+    caplog.set_level(logging.INFO, logger="faultsense.inference")
+    net = yamnet_net()
+    meta = {"labels": ["a", "b", "c"], "sample_rate": 16_000, "clip_samples": 16_000}
+    onnx = Predictor(net, {**meta, "weights_sha256": "w"}, onnx_cache=tmp_path, runtime="onnx")
+    assert onnx.runtime == "onnx" and onnx.fast_path == "onnx"
+    assert "graph from export" in caplog.text  # runner.source
+    (graph,) = tmp_path.glob("*.onnx")
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1:] == [2, 96, 64]  # a second's two patches
+    # Short, exact and long (several windows) clips.
+    clips = [noisy_tone(s, i) for i, s in enumerate([0.3, 1.0, 2.6, 0.05, 1.7])]
+    got, want = (
+        probabilities(onnx.predict(clips)),
+        probabilities(Predictor(net, meta).predict(clips)),
+    )
+    assert np.abs(got - want).max() < 1e-5
+    assert np.ptp(want, axis=0).max() > 1e-2  # the clips get different answers

