@@ -74,9 +74,16 @@ def finish_wandb_run() -> None:
 
 
 def loggers_and_callbacks(cfg: DictConfig) -> tuple[list[Any], list[Any]]:
-    """The configured loggers plus the run's curves log, and the configured callbacks."""
+    """The configured loggers plus the run's curves log, and the configured callbacks
+    (without progress bars when `trainer.enable_progress_bar=false`: Lightning refuses
+    the pair, and the override alone is what a user means)."""
     loggers = with_curves_log(instantiate_all(cfg.get("logger")), cfg.paths.output_dir)
-    return loggers, instantiate_all(cfg.get("callbacks"))
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    if cfg.trainer.get("enable_progress_bar") is False:
+        from lightning.pytorch.callbacks import ProgressBar
+
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return loggers, callbacks
 
 
 def with_curves_log(loggers: list[Any], output_dir: str | os.PathLike[str]) -> list[Any]:

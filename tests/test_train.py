@@ -237,3 +237,18 @@ def test_cli_reports_a_missing_data_source_by_its_field(tmp_path):
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     assert f"DataError: data.source={missing} does not exist" in out.stderr, out.stderr[-3000:]
+
+
+def test_turning_the_progress_bar_off_drops_the_progress_bar_callback(tmp_path):
+    """`trainer.enable_progress_bar=false` alone is enough: Lightning refuses a progress-bar
+    callback with the bar off, so training must not hand it one."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from faultsense.train import loggers_and_callbacks
+
+    base = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", "logger=none"]
+    _, callbacks = loggers_and_callbacks(compose_config("train", base))
+    assert any(isinstance(c, ProgressBar) for c in callbacks)  # the default has one
+    off = compose_config("train", [*base, "trainer.enable_progress_bar=false"])
+    _, callbacks = loggers_and_callbacks(off)
+    assert callbacks and not any(isinstance(c, ProgressBar) for c in callbacks)

@@ -23,7 +23,6 @@ import csv
 import hashlib
 import logging
 import os
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from .. import audio
+from ..config import utc_now
 from ..fileio import atomic_write, display_name
 from ..taxonomy import check_label_name, validate_label
 from .manifest import TRAIN_ONLY_FOLD, ManifestRow, write_csv
@@ -113,7 +113,7 @@ class UploadStore:
                     "path": rel,
                     "filename": shown,
                     "seconds": f"{seconds:.3f}",
-                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "created_at": utc_now(),
                 }
             )
             self._write_rows(rows)
