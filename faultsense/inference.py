@@ -77,14 +77,14 @@ def build_runner(
     and wrap it in `fast_path`; the runner takes input tensors on that device.
 
     Returns `(runner, used_path)`; `used_path` is "eager" when the requested path could
-    not be built faithfully.
+    not be built faithfully, or the backbone says `eager_is_faster` (measured, e.g. YAMNet).
     """
     import torch
 
     if fast_path not in FAST_PATHS:
         raise ConfigError(f"fast_path={fast_path!r}: choose one of {', '.join(FAST_PATHS)}.")
     net = net.to(device).eval()
-    if fast_path == "eager":
+    if fast_path == "eager" or getattr(getattr(net, "backbone", None), "eager_is_faster", False):
         return net, "eager"
     if fast_path == "channels_last":
         return net.to(memory_format=torch.channels_last), "channels_last"

@@ -133,6 +133,20 @@ def test_forward_is_from_features_of_features():
         assert torch.equal(backbone.from_features(features), backbone(wave))
 
 
+def test_the_torch_runtime_serves_yamnet_eager_not_traced():
+    from faultsense.inference import build_runner
+
+    spec = {
+        "frontend": {"kind": "waveform", "normalize": False},
+        "backbone": {"_target_": "faultsense.models.yamnet.YamnetBackbone", "weights": None},
+        "num_classes": 4,
+        "sample_rate": SR,
+        "clip_samples": SR,
+    }
+    runner, used = build_runner(build_net(spec), SR, "jit")
+    assert used == "eager" and isinstance(runner, torch.nn.Module)  # measured faster
+
+
 def test_a_net_rebuilt_from_its_spec_needs_no_wheel(monkeypatch, tmp_path):
     spec = {
         "frontend": {"kind": "waveform", "normalize": False},

@@ -246,6 +246,11 @@ class YamnetBackbone(nn.Module):
         pooling: "meanmax" (mean and max concatenated, 2048-d), "mean" or "max" (1024-d).
     """
 
+    # The Predictor's torch runtime serves it eager, not traced: the traced graph ran 48 vs
+    # 36.5 ms a clip at batch 1 and 85 vs 52 at batch 32 on one core
+    # (experiments/yamnet_speed.py), and tracing bakes its shape arithmetic in as constants.
+    eager_is_faster = True
+
     def __init__(
         self,
         encoder: str = "yamnet",
