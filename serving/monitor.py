@@ -69,6 +69,9 @@ class MonitorSettings:
     psi_threshold: float = 0.25
     low_confidence: float = 0.5
     confidence_bins: int = 10
+    # Whether the confidence PSI counts toward `drifting` (it is always reported): off
+    # where the reference is too small to bin confidences reliably.
+    confidence_drift: bool = True
     history: int = 5000
 
     @classmethod
@@ -507,7 +510,8 @@ def drift(
     if ref_conf:
         actual = bin_counts((r.get("confidence") or 0.0 for r in recent), len(ref_conf))
         out["confidence_psi"] = round(psi(ref_conf, actual), 4)
-    out["score"] = max(v for v in (out["label_psi"], out["confidence_psi"]) if v is not None)
+    counted = [out["label_psi"], out["confidence_psi"] if s.confidence_drift else None]
+    out["score"] = max(v for v in counted if v is not None)
     if len(recent) < s.min_predictions:
         out["state"] = "warming up"
         return out

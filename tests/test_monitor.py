@@ -5,6 +5,7 @@ one label only turn `drifting` on."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -85,6 +86,17 @@ def test_drift_needs_a_full_window_and_a_reference():
     assert drift(mixed, {"labels": None}, s)["state"] == "no reference"
 
 
+def test_confidence_drift_turns_drifting_on_unless_turned_off():
+    s = MonitorSettings(log_dir=".", window=WINDOW, min_predictions=WINDOW, confidence_bins=2)
+    # val predictions were mostly confident; now every answer is a guess, labels as before
+    reference = {"source": "val predictions", "labels": {"a": 0.5, "b": 0.5}, "confidence": [1, 9]}
+    unsure = [_record(i, "ab"[i % 2], confidence=0.3) for i in range(WINDOW)]
+    state = drift(unsure, reference, s)
+    assert state["label_psi"] == 0 and state["confidence_psi"] > 1 and state["drifting"]
+    off = drift(unsure, reference, dataclasses.replace(s, confidence_drift=False))
+    assert not off["drifting"] and off["confidence_psi"] == state["confidence_psi"]
+
+
 def test_reference_is_the_val_confusion_matrix_columns(tmp_path: Path):
     run = tmp_path / "run"
     run.mkdir()
@@ -126,6 +138,9 @@ def server(trained_registry, tmp_path_factory) -> Iterator[LiveServer]:
     extra = [
         f"monitor.window={WINDOW}", f"monitor.min_predictions={WINDOW}",
         "monitor.store_audio=all", "auth.protect_metrics=true",
+        # 16 predictions over 10 confidence bins of a 2-epoch fixture model: the label
+        # PSI is what this server is for; confidence drift has its own test below.
+        "monitor.confidence_drift=false",
     ]  # fmt: skip
     with start_server(root, trained_registry, extra=extra) as live:
         yield live
@@ -160,6 +175,7 @@ def test_one_label_traffic_turns_drifting_on_and_mixed_traffic_leaves_it_off(
         "cli": 0,
     }
     assert mixed["drift"]["reference"].startswith("val predictions")
+    assert mixed["drift"]["confidence_psi"] is not None  # metrics.json's val histogram
     assert mixed["drift"]["state"] == "stable" and mixed["drift"]["drifting"] is False, mixed[
         "drift"
     ]

@@ -30,7 +30,10 @@ def test_every_experiment_preset_composes(experiment, tmp_path):
     assert cfg.data._target_ and cfg.trainer._target_
     if cfg.model.net.backbone._target_.endswith("FaultCNN"):
         # CNN presets also build (wav2vec2 needs the hub or a local folder).
-        model = instantiate(cfg.model, _recursive_=False)
+        # A head over categories needs the data's categories: four, one per label here.
+        by_category = cfg.model.net.head.get("by_category")
+        extra = {"category_labels": [0, 1, 2, 3], "num_categories": 4} if by_category else {}
+        model = instantiate(cfg.model, _recursive_=False, **extra)
         logits = model(torch.randn(2, int(cfg.data.sample_rate * cfg.data.clip_seconds)))
         assert logits.shape == (2, 4)
 
