@@ -220,6 +220,10 @@ def _terminate_as_interrupt(signum: int, frame: object) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="app")
 def main(cfg: DictConfig) -> None:
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    # Started from a shell's background job (`make demo &`, nohup, a non-interactive
+    # script), SIGINT arrives ignored and Python then installs no Ctrl-C handler: a SIGINT
+    # sent to the demo would leave server and app running. Ctrl-C always stops both.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     run_cli("demo", demo, cfg)
 
 

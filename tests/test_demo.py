@@ -20,10 +20,7 @@ from tests.fixtures.server import free_port
 REPO = Path(__file__).resolve().parents[1]
 READY_LINE = b"[demo] press Ctrl-C"
 START_TIMEOUT_S = 300.0
-# The demo stops the app, then the server, each with serving.process.stop_group: SIGTERM,
-# up to 20 s of grace, then SIGKILL of the group (+5 s). A process slow to honour SIGTERM
-# on a loaded box thus takes up to ~50 s, and that path must still free both ports.
-STOP_TIMEOUT_S = 150.0
+STOP_TIMEOUT_S = 60.0
 
 
 def read_until(fd: int, marker: bytes, proc: subprocess.Popen, timeout_s: float) -> bytes:
