@@ -115,9 +115,12 @@ class OnnxRunner:
     samples (a float WAV of 1e30s) overflow the split graph's power spectrum to NaN,
     while the traced whole net stays finite (tests/test_hostile_inputs.py)."""
 
-    def __init__(self, frontend: Any, session: Any, source: str, whole: Any) -> None:
+    def __init__(
+        self, frontend: Any, session: Any, source: str, net: nn.Module, clip_samples: int
+    ) -> None:
         self.frontend = frontend
-        self.whole = whole
+        self.net, self.clip_samples = net, clip_samples
+        self._whole: Any = None  # traced on first need: non-finite rows are rare
         self.session = session
         self.input_name = session.get_inputs()[0].name
         self.source = source  # "cache" or "export": where the ONNX graph came from
@@ -135,8 +138,17 @@ class OnnxRunner:
         bad = ~torch.isfinite(logits).all(dim=1)
         if bad.any():
             with torch.inference_mode():
-                logits[bad] = self.whole(wave[bad]).to(logits.dtype)
+                logits[bad] = self.whole()(wave[bad]).to(logits.dtype)
         return logits
+
+    def whole(self) -> Any:
+        """The traced whole net, built the first time a row comes out non-finite (tracing
+        costs ~1 s a load, and most runners never need it)."""
+        if self._whole is None:
+            from .inference import build_runner
+
+            self._whole = build_runner(self.net, self.clip_samples, "jit")[0]
+        return self._whole
 
 
 def build_onnx_runner(
@@ -151,16 +163,15 @@ def build_onnx_runner(
     net = net.to("cpu").eval()
     if not all(hasattr(net, part) for part in ("frontend", "backbone", "head")):
         raise ModelError(f"{type(net).__name__} has no frontend/backbone/head to split.")
-    parts = (
-        build_runner(_torch_part(net), clip_samples, "jit")[0],
-        build_runner(net, clip_samples, "jit")[0],
-    )
+    torch_part = build_runner(_torch_part(net), clip_samples, "jit")[0]
     cached = _cache_path(cache_dir, net, key)
     runner = None
     if cached is not None and cached.is_file():
-        runner = _checked_runner(net, parts, cached, clip_samples, threads, "cache", raise_=False)
+        runner = _checked_runner(
+            net, torch_part, cached, clip_samples, threads, "cache", raise_=False
+        )
     if runner is None:
-        runner = _export_runner(net, parts, clip_samples, cached, threads)
+        runner = _export_runner(net, torch_part, clip_samples, cached, threads)
     return runner
 
 
@@ -181,7 +192,7 @@ def _cache_path(cache_dir: Path | None, net: nn.Module, key: str | None) -> Path
 
 
 def _export_runner(
-    net: nn.Module, parts: tuple, clip_samples: int, cached: Path | None, threads: int
+    net: nn.Module, torch_part: Any, clip_samples: int, cached: Path | None, threads: int
 ) -> OnnxRunner:
     """Export the rest of `net` (to `cached`, atomically, when given), check and load it."""
     if cached is not None:
@@ -194,7 +205,7 @@ def _export_runner(
     tmp = Path(tmp_name)
     try:
         _export_rest(net, clip_samples, tmp)
-        runner = _checked_runner(net, parts, tmp, clip_samples, threads, "export")
+        runner = _checked_runner(net, torch_part, tmp, clip_samples, threads, "export")
         if cached is not None:
             os.replace(tmp, cached)
         return runner
@@ -232,20 +243,20 @@ def _export_rest(net: nn.Module, clip_samples: int, path: Path) -> None:
 
 def _checked_runner(
     net: nn.Module,
-    parts: tuple,
+    torch_part: Any,
     path: Path,
     clip_samples: int,
     threads: int,
     source: str,
     raise_: bool = True,
 ) -> OnnxRunner | None:
-    """An OnnxRunner over the graph at `path` and `parts` (traced frontend, traced whole
-    net) if it reproduces eager `net`; else a ModelError (or None when not `raise_`)."""
+    """An OnnxRunner over the graph at `path` and `torch_part` (traced) if it reproduces
+    eager `net`; else a ModelError (or None when not `raise_`)."""
     import numpy as np
     import torch
 
     try:
-        runner = OnnxRunner(parts[0], _session(path, threads), source, parts[1])
+        runner = OnnxRunner(torch_part, _session(path, threads), source, net, clip_samples)
         waves = torch.randn(3, clip_samples, generator=torch.Generator().manual_seed(1)) * 0.1
         with torch.inference_mode():
             diff = float((runner(waves) - net(waves)).abs().max())
