@@ -218,7 +218,7 @@ def _retrain(cfg: DictConfig, status: JobStatus, data_overrides: Sequence[str]) 
 
     status.update(stage="registering")
     version = register(registry, tuned.net, tuned.meta, decision, datamodule, cfg)
-    write_summary(cfg, datamodule, tuned, scores, version)
+    write_run_summary(cfg, datamodule, tuned, scores, version)
     status.write_decision(decision)
     log.info("Registered %s (parent %s): %s", version, parent.version, decision["reason"])
     return {
@@ -408,7 +408,7 @@ def evaluate_both(
     return split, scores, {f"{split}/{key}": value for key, value in current.items()}
 
 
-def write_summary(
+def write_run_summary(
     cfg: DictConfig,
     datamodule: Any,
     tuned: FineTuned,
