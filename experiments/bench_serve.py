@@ -193,7 +193,11 @@ def measure(
     requests: int,
     seconds: float,
     warm: bool = True,
+    roles: dict[int, str] | None = None,
 ) -> list[dict]:
+    """One `drive` per level (after a warm-up pass); with `roles` (pid -> role, see
+    `process_roles`) each row also gets `cpu`: CPU ms per request spent by each role's
+    processes during that level, the load generator (this process) as "client"."""
     try:
         import uvloop
 
@@ -202,7 +206,76 @@ def measure(
         pass
     if warm and levels:
         asyncio.run(drive(url, bodies, max(levels), min(4 * max(levels), requests), seconds))
-    return [asyncio.run(drive(url, bodies, c, requests, seconds)) for c in levels]
+    rows = []
+    for c in levels:
+        before = cpu_seconds(roles or {})
+        row = asyncio.run(drive(url, bodies, c, requests, seconds))
+        after = cpu_seconds(roles or {})
+        row["cpu"] = {
+            role: 1000 * (after[role] - before.get(role, 0.0)) / max(1, row["requests"])
+            for role in after
+        }
+        rows.append(row)
+    return rows
+
+
+def process_roles(proc: subprocess.Popen, port: int) -> dict[int, str]:
+    """A server's processes by role: "main" (the one started), "manager" (LitServe's
+    multiprocessing Manager, which carries its request queue: it listens on a
+    `listener-*` unix socket), "api" (uvicorn processes, listening on `port`), "worker"
+    (spawned inference workers), "other"."""
+    import psutil
+
+    roles = {proc.pid: "main"}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+            if "resource_tracker" in cmd:
+                continue
+            manager = any("listener-" in str(c.laddr) for c in child.net_connections("unix"))
+            listening = any(
+                c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                for c in child.net_connections("tcp")
+            )
+        except psutil.Error:
+            continue
+        roles[child.pid] = (
+            "manager" if manager
+            else "api" if listening
+            else "worker" if "multiprocessing" in cmd
+            else "other"
+        )  # fmt: skip
+    return roles
+
+
+def cpu_seconds(roles: dict[int, str]) -> dict[str, float]:
+    """User + system CPU seconds so far of each role's processes, and of this process
+    (the load generator) as "client"."""
+    import psutil
+
+    totals: dict[str, float] = {}
+    for pid, role in [(os.getpid(), "client"), *roles.items()]:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            totals[role] = totals.get(role, 0.0) + t.user + t.system
+    return totals
+
+
+def cpu_table(rows: list[dict]) -> str:
+    """CPU ms per request by process role, one row per concurrency level: where the box's
+    cores went (at saturation, 1000 x cores / req/s in all)."""
+    names = sorted({k for r in rows for k in r.get("cpu", {})})
+    lines = [
+        "| concurrency | " + " | ".join(names) + " | sum |",
+        "|---:|" + "---:|" * (len(names) + 1),
+    ]
+    for r in rows:
+        values = [r.get("cpu", {}).get(n, 0.0) for n in names]
+        lines.append(
+            f"| {r['concurrency']} | " + " | ".join(f"{v:.2f}" for v in values)
+            + f" | {sum(values):.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def table(name: str, rows: list[dict]) -> str:
@@ -399,9 +472,12 @@ def run_faultsense(
     url = f"http://127.0.0.1:{port}"
     bodies = wav_bodies(8)
     with running(argv, url, env, work / "server.log") as proc:
-        rows = measure(url, bodies, args.concurrency[:-1], args.requests, args.seconds)
+        roles = process_roles(proc, port)
+        rows = measure(url, bodies, args.concurrency[:-1], args.requests, args.seconds, roles=roles)
         jobs = profile(server_pids(proc), args.py_spy, args.seconds, work) if args.py_spy else []
-        rows += measure(url, bodies, args.concurrency[-1:], args.requests, args.seconds, warm=False)
+        rows += measure(
+            url, bodies, args.concurrency[-1:], args.requests, args.seconds, warm=False, roles=roles
+        )
         for job, _, _ in jobs:
             job.wait(timeout=args.seconds + 60)
         serving = httpx.get(f"{url}/status", timeout=10).json()["serving"]
@@ -409,6 +485,8 @@ def run_faultsense(
     print(f"server batching: {serving}\n")
     print("Where a FaultSense request's time goes (mean ms per phase, x-faultsense-timing):")
     print(phase_table(rows) + "\n")
+    print("CPU ms per request by process (psutil; client = this load generator):")
+    print(cpu_table(rows) + "\n")
     for _, raw, name in jobs:
         if raw.exists():
             print(f"py-spy, {name}, concurrency {args.concurrency[-1]}:")
@@ -424,9 +502,12 @@ def run_naive(args: argparse.Namespace, registry: Path, work: Path, env: dict) -
         "--port", str(port), "--threads", str(args.naive_threads), "--device", device,
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    with running(argv, url, env, work / "naive.log"):
-        rows = measure(url, wav_bodies(8), args.concurrency, args.requests, args.seconds)
+    with running(argv, url, env, work / "naive.log") as proc:
+        roles = {proc.pid: "naive"}
+        rows = measure(url, wav_bodies(8), args.concurrency, args.requests, args.seconds, roles=roles)
     print(table("naive FastAPI", rows))
+    print("CPU ms per request by process:")
+    print(cpu_table(rows) + "\n")
     return rows
 
 

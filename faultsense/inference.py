@@ -234,7 +234,12 @@ class Predictor:
         except Exception as err:  # any export/runtime failure: torch always works
             log.warning("Model %s: not on ONNX Runtime (%s); using torch.", version, err)
             return None
-        log.info("Model %s on ONNX Runtime (graph from %s).", version, runner.source)
+        log.info(
+            "Model %s on ONNX Runtime (graph from %s, %s frontend).",
+            version,
+            runner.source,
+            runner.frontend_kind,
+        )
         return runner
 
     # -- what callers read --------------------------------------------------------------

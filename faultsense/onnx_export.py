@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -39,6 +40,8 @@ from .fileio import sha256_file
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+log = logging.getLogger(__name__)
 
 # ONNX Runtime and PyTorch use different kernels (e.g. for the FFT): agree to this.
 ONNX_PARITY_ATOL = 1e-3
@@ -124,6 +127,7 @@ class OnnxRunner:
         self.session = session
         self.input_name = session.get_inputs()[0].name
         self.source = source  # "cache" or "export": where the ONNX graph came from
+        self.frontend_kind = getattr(frontend, "kind", "torch")  # "numpy" or "torch"
 
     def __call__(self, wave: torch.Tensor) -> torch.Tensor:
         import torch
@@ -164,6 +168,7 @@ def build_onnx_runner(
     if not all(hasattr(net, part) for part in ("frontend", "backbone", "head")):
         raise ModelError(f"{type(net).__name__} has no frontend/backbone/head to split.")
     torch_part = build_runner(_torch_part(net), clip_samples, "jit")[0]
+    torch_part = _numpy_part(net, torch_part, clip_samples) or torch_part
     cached = _cache_path(cache_dir, net, key)
     runner = None
     if cached is not None and cached.is_file():
@@ -285,6 +290,49 @@ def _session(path: Path, threads: int) -> Any:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class NumpyPart:
+    """The torch part as numpy (models/frontend_numpy.py): waveforms [N, T] (a CPU
+    tensor) -> features [N, 1, n, frames] (a CPU tensor)."""
+
+    kind = "numpy"
+
+    def __init__(self, twin: Any) -> None:
+        self.twin = twin
+
+    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        return torch.from_numpy(self.twin(wave.numpy()))
+
+
+def _numpy_part(net: nn.Module, torch_part: Any, clip_samples: int) -> NumpyPart | None:
+    """A NumpyPart for `net`'s frontend when it has a numpy twin that reproduces the traced
+    `torch_part` to NUMPY_FRONTEND_ATOL on noise, silence and a loud clip; else None
+    (the torch part then runs, logged why)."""
+    import torch
+
+    from .models.frontend_numpy import NUMPY_FRONTEND_ATOL, numpy_frontend
+
+    if _splits_at_features(net.backbone):
+        return None
+    twin = numpy_frontend(net.frontend)
+    if twin is None:
+        return None
+    waves = torch.randn(3, clip_samples, generator=torch.Generator().manual_seed(2)) * 0.1
+    waves[1] = 0.0
+    waves[2] *= 5.0
+    with torch.inference_mode():
+        diff = float((NumpyPart(twin)(waves) - torch_part(waves)).abs().max())
+    if diff <= NUMPY_FRONTEND_ATOL:  # also False for NaN
+        return NumpyPart(twin)
+    log.warning(
+        "numpy frontend differs from torch by %.3g (> %g); the frontend runs in torch.",
+        diff,
+        NUMPY_FRONTEND_ATOL,
+    )
+    return None
 
 
 def _splits_at_features(backbone: nn.Module) -> bool:

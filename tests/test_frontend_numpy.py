@@ -1,0 +1,97 @@
+"""The numpy twin of the log-mel / MFCC frontends (serving's CPU fast path): same
+features as the torch modules for every setting it accepts, refused for any it doesn't,
+and used by the ONNX Runtime runner only while it agrees with torch."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from faultsense.inference import Predictor
+from faultsense.models.frontend import build_frontend
+from faultsense.models.frontend_numpy import NUMPY_FRONTEND_ATOL, numpy_frontend
+
+SR = 16_000
+
+
+def waves(n_samples: int = 24_000) -> torch.Tensor:
+    """Noise, a tone, digital silence and a loud clip: [4, n_samples]."""
+    gen = torch.Generator().manual_seed(0)
+    t = torch.arange(n_samples) / SR
+    return torch.stack(
+        [
+            0.1 * torch.randn(n_samples, generator=gen),
+            0.3 * torch.sin(2 * torch.pi * 440 * t),
+            torch.zeros(n_samples),
+            3.0 * torch.randn(n_samples, generator=gen),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"kind": "logmel", "n_mels": 128, "n_fft": 1024, "win_ms": 32, "hop_ms": 20},
+        {"kind": "logmel", "n_mels": 64, "n_fft": 512, "hop_ms": 10, "top_db": 80.0},
+        {"kind": "logmel", "n_mels": 40, "n_fft": 400, "hop_ms": 10, "normalize": False},
+        {"kind": "mfcc", "n_mfcc": 20, "n_mels": 64, "n_fft": 512, "hop_ms": 16},
+    ],
+)
+def test_numpy_twin_computes_the_torch_features(spec):
+    frontend = build_frontend({**spec, "sample_rate": SR}).eval()
+    twin = numpy_frontend(frontend)
+    assert twin is not None
+    x = waves()
+    with torch.inference_mode():
+        want = frontend(x).numpy()
+        exact = copy.deepcopy(frontend).double()(x.double()).numpy()
+    got = twin(x.numpy())
+    assert got.shape == want.shape and got.dtype == np.float32
+    scale = 1.0 if spec.get("normalize", True) else np.abs(want).max()
+    # Noise, silence and the loud clip: the same numbers.
+    assert np.abs(got - want)[[0, 2, 3]].max() <= NUMPY_FRONTEND_ATOL * scale
+    # A pure tone leaves most mel bands near the log floor, where either float32 FFT
+    # rounds its leakage differently: both must be as close to the float64 features.
+    numpy_err = np.abs(got - exact).max(axis=(1, 2, 3))
+    torch_err = np.abs(want - exact).max(axis=(1, 2, 3))
+    assert (numpy_err <= 2 * torch_err + 1e-5 * scale).all(), (numpy_err, torch_err)
+
+
+def test_settings_the_twin_does_not_implement_get_none():
+    assert numpy_frontend(build_frontend({"kind": "waveform"})) is None
+    frontend = build_frontend({"kind": "logmel", "n_mels": 32})
+    frontend.features.mel.spectrogram.pad_mode = "constant"
+    assert numpy_frontend(frontend) is None
+
+
+def test_onnx_runner_takes_the_numpy_frontend_only_while_it_agrees(
+    trained_registry, tmp_path, caplog, monkeypatch
+):
+    caplog.set_level(logging.INFO, logger="faultsense")
+    fast = Predictor.from_registry(trained_registry, runtime="onnx", onnx_cache=tmp_path)
+    assert "numpy frontend" in caplog.text
+    assert fast._loaded.runner.frontend_kind == "numpy"
+
+    # A twin that drifts from torch (here: a wrong filterbank) is not used.
+    import faultsense.models.frontend_numpy as module
+
+    real = module.numpy_frontend
+
+    def drifting(frontend):
+        twin = real(frontend)
+        twin.mel_fb = twin.mel_fb * 1.5 + 0.01
+        return twin
+
+    monkeypatch.setattr(module, "numpy_frontend", drifting)
+    caplog.clear()
+    slow = Predictor.from_registry(trained_registry, runtime="onnx", onnx_cache=tmp_path)
+    assert slow._loaded.runner.frontend_kind == "torch"
+    assert "numpy frontend differs from torch" in caplog.text
+    clip = [waves(slow.clip_samples)[0].numpy()]
+    got, want = fast.predict(clip)[0], slow.predict(clip)[0]
+    assert got["label"] == want["label"]
+    assert abs(got["confidence"] - want["confidence"]) < 1e-4
