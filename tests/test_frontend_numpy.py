@@ -95,3 +95,16 @@ def test_onnx_runner_takes_the_numpy_frontend_only_while_it_agrees(
     got, want = fast.predict(clip)[0], slow.predict(clip)[0]
     assert got["label"] == want["label"]
     assert abs(got["confidence"] - want["confidence"]) < 1e-4
+
+
+def test_twin_works_in_and_out_of_inference_mode_and_returns_fresh_arrays():
+    frontend = build_frontend({"kind": "logmel", "n_mels": 32, "sample_rate": SR}).eval()
+    twin = numpy_frontend(frontend)
+    x = waves().numpy()
+    with torch.inference_mode():
+        first = twin(x)
+    second = twin(x[::-1].copy())  # outside inference mode, same shape: the same work arrays
+    again = twin(x)
+    assert not np.shares_memory(first, second)
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, second)

@@ -66,9 +66,12 @@ class NumpyLogMel:
             spectrum = scipy.fft.rfft(windowed, axis=-1, workers=1, overwrite_x=True)
             power = np.square(spectrum.real, out=work["power"])  # [B, frames, n_freq]
             power += np.square(spectrum.imag, out=work["imag"])
-            mel = work["mel"]  # [B, frames, n_mels]
-            torch.matmul(torch.from_numpy(power), torch.from_numpy(self.mel_fb), out=mel)
-            db = mel.numpy()
+            db = work["mel"]  # [B, frames, n_mels]
+            # torch.from_numpy on each call: a tensor kept from a call under inference_mode
+            # could not be written to outside it.
+            torch.matmul(
+                torch.from_numpy(power), torch.from_numpy(self.mel_fb), out=torch.from_numpy(db)
+            )
             np.maximum(db, _EPS, out=db)
             np.log10(db, out=db)
             db *= 10.0
@@ -87,8 +90,6 @@ class NumpyLogMel:
         afresh on every call cost ~0.3 ms a clip in page faults. One set per thread."""
         buffers = self._local.__dict__.setdefault("buffers", {})
         if shape not in buffers:
-            import torch
-
             batch, samples = shape
             frames = samples // self.hop + 1
             n_freq = self.n_fft // 2 + 1
@@ -97,7 +98,7 @@ class NumpyLogMel:
                 "windowed": np.empty((batch, frames, self.n_fft), np.float32),
                 "power": np.empty((batch, frames, n_freq), np.float32),
                 "imag": np.empty((batch, frames, n_freq), np.float32),
-                "mel": torch.empty((batch, frames, self.mel_fb.shape[1])),
+                "mel": np.empty((batch, frames, self.mel_fb.shape[1]), np.float32),
             }
         return buffers[shape]
 
