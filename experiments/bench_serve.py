@@ -272,7 +272,8 @@ def cpu_table(rows: list[dict]) -> str:
     for r in rows:
         values = [r.get("cpu", {}).get(n, 0.0) for n in names]
         lines.append(
-            f"| {r['concurrency']} | " + " | ".join(f"{v:.2f}" for v in values)
+            f"| {r['concurrency']} | "
+            + " | ".join(f"{v:.2f}" for v in values)
             + f" | {sum(values):.2f} |"
         )
     return "\n".join(lines)
@@ -504,7 +505,9 @@ def run_naive(args: argparse.Namespace, registry: Path, work: Path, env: dict) -
     url = f"http://127.0.0.1:{port}"
     with running(argv, url, env, work / "naive.log") as proc:
         roles = {proc.pid: "naive"}
-        rows = measure(url, wav_bodies(8), args.concurrency, args.requests, args.seconds, roles=roles)
+        rows = measure(
+            url, wav_bodies(8), args.concurrency, args.requests, args.seconds, roles=roles
+        )
     print(table("naive FastAPI", rows))
     print("CPU ms per request by process:")
     print(cpu_table(rows) + "\n")
