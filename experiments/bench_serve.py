@@ -8,7 +8,9 @@ asyncio process (aiohttp: cheap per request, so the client leaves the cores to t
 server), and prints req/s, p50/p95/p99 latency and failures per level, then the
 throughput ratio, the load average at each level, and (the server runs with
 `server.debug_timing=true`) where a FaultSense request's time went: the mean of each
-phase of its `x-faultsense-timing` header (serving/worker.py PHASES). Asserts nothing.
+phase of its `x-faultsense-timing` header (serving/worker.py PHASES), and the CPU each
+kind of process spent per request (API servers, LitServe's Manager, inference workers,
+and this load generator, from psutil). Asserts nothing.
 
     python experiments/bench_serve.py                      # untrained default CNN, temp registry
     python experiments/bench_serve.py --registry models    # the current trained model
