@@ -516,19 +516,23 @@ def run_naive(args: argparse.Namespace, registry: Path, work: Path, env: dict) -
     return rows
 
 
-def print_model_only(args: argparse.Namespace, registry: Path) -> None:
-    """The model-only limit of each runtime and batch size, the runtimes interleaved."""
+def print_model_only(args: argparse.Namespace, registry: Path) -> dict[str, float]:
+    """The model-only limit of each runtime and batch size, the runtimes interleaved;
+    returns each runtime's clips/s at the largest batch size."""
     device = "cuda:0" if args.accelerator == "cuda" else "cpu"
     procs = 1 if device != "cpu" else os.cpu_count() or 1
-    for batch in args.model_batch:
+    limits = {}
+    for batch in sorted(args.model_batch):
         for runtime in args.runtime:
             rates = model_only(registry, device, procs, args.model_seconds, runtime, batch)
+            limits[runtime] = sum(rates)
             print(
                 f"model-only limit ({runtime}, batch {batch}, {procs} process(es) x 1 thread "
                 f"on {device}, load {os.getloadavg()[0]:.1f}): {sum(rates):.0f} clips/s "
                 f"({', '.join(f'{r:.0f}' for r in rates)})"
             )
     print()
+    return limits
 
 
 def main() -> None:
@@ -540,11 +544,18 @@ def main() -> None:
         )
         env = {**os.environ, "FAULTSENSE_ROOT": str(work), "PYTHONUNBUFFERED": "1"}
         env.pop("FAULTSENSE_API_KEY", None)
-        if not args.skip_model:
-            print_model_only(args, registry)
+        limits = {} if args.skip_model else print_model_only(args, registry)
         ours = {}
         if not args.skip_server:
             ours = {rt: run_faultsense(args, registry, work, env, rt) for rt in args.runtime}
+        for runtime, rows in ours.items():
+            if runtime in limits and rows:
+                top = rows[-1]
+                print(
+                    f"{runtime}, concurrency {top['concurrency']}: served "
+                    f"{top['req_s']:.1f} req/s = {100 * top['req_s'] / limits[runtime]:.0f}% "
+                    f"of the model-only limit ({limits[runtime]:.0f} clips/s)"
+                )
         naive = [] if args.skip_naive else run_naive(args, registry, work, env)
         for runtime, rows in ours.items() if naive else ():
             print()
