@@ -1,14 +1,15 @@
 """The eval-mode LogMel / MFCC frontends in numpy, for the CPU serving path.
 
 `numpy_frontend(frontend)` reads a trained `Frontend`'s settings and buffers (STFT
-window, mel filterbank, DCT) and computes the same features with scipy's FFT (the two
-matrix products in torch, see `_matmul`): ~1.0 ms per 5-s clip on one core against
-1.5-1.6 ms for the traced torch frontend, whose `torch.stft` + complex `abs().pow(2)`
-cost most of it (experiments/README.md, issue 16). The features agree with torch's to
-~2e-5 (normalized units), and are as close as torch's to the float64 features where
-float32 rounding shows (bands near the log floor); `build_onnx_runner` checks them on
-every load and keeps the torch frontend when they don't agree. Training always uses the
-torch modules: this is a fast path, not a second definition.
+window, mel filterbank, DCT) and computes the same features with scipy's FFT, the mel
+filterbank as a sparse matrix and the MFCC's DCT in torch (`_matmul`): ~0.9 ms per 5-s
+clip on one core against 1.5-1.6 ms for the traced torch frontend, whose `torch.stft` +
+complex `abs().pow(2)` cost most of it (experiments/README.md, issue 16). The features
+agree with torch's to ~2e-5 (normalized units), and are as close as torch's to the
+float64 features where float32 rounding shows (bands near the log floor);
+`build_onnx_runner` checks them on every load and keeps the torch frontend when they
+don't agree. Training always uses the torch modules: this is a fast path, not a second
+definition.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import threading
 from typing import Any
 
 import numpy as np
+import scipy.sparse
 
 # Agree with the torch frontend to this (normalized features: unit variance per clip).
 NUMPY_FRONTEND_ATOL = 1e-3
@@ -45,13 +47,13 @@ class NumpyLogMel:
         self.window[lo : lo + len(window)] = window
         self.n_fft, self.hop = n_fft, hop
         self.mel_fb = np.ascontiguousarray(mel_fb, dtype=np.float32)  # [n_freq, n_mels]
+        self.mel_sparse = scipy.sparse.csc_matrix(self.mel_fb)
         self.top_db, self.normalize = top_db, normalize
         self.dct = None if dct is None else np.ascontiguousarray(dct, dtype=np.float32)
         self._local = threading.local()  # work arrays, per thread (see `_work`)
 
     def __call__(self, wave: np.ndarray) -> np.ndarray:
         import scipy.fft
-        import torch
 
         wave = np.asarray(wave, dtype=np.float32)
         work = self._work(wave.shape)
@@ -66,12 +68,10 @@ class NumpyLogMel:
             spectrum = scipy.fft.rfft(windowed, axis=-1, workers=1, overwrite_x=True)
             power = np.square(spectrum.real, out=work["power"])  # [B, frames, n_freq]
             power += np.square(spectrum.imag, out=work["imag"])
-            db = work["mel"]  # [B, frames, n_mels]
-            # torch.from_numpy on each call: a tensor kept from a call under inference_mode
-            # could not be written to outside it.
-            torch.matmul(
-                torch.from_numpy(power), torch.from_numpy(self.mel_fb), out=torch.from_numpy(db)
-            )
+            # The filterbank is sparse (~1 000 of 65 664 weights for 128 bands): 2x a dense
+            # product here.
+            db = np.asarray(power.reshape(-1, power.shape[-1]) @ self.mel_sparse)
+            db = db.reshape(*power.shape[:2], -1)  # [B, frames, n_mels]
             np.maximum(db, _EPS, out=db)
             np.log10(db, out=db)
             db *= 10.0
@@ -98,7 +98,6 @@ class NumpyLogMel:
                 "windowed": np.empty((batch, frames, self.n_fft), np.float32),
                 "power": np.empty((batch, frames, n_freq), np.float32),
                 "imag": np.empty((batch, frames, n_freq), np.float32),
-                "mel": np.empty((batch, frames, self.mel_fb.shape[1]), np.float32),
             }
         return buffers[shape]
 
