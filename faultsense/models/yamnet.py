@@ -61,10 +61,17 @@ class YamnetFrontend(nn.Module):
 
     The waveform is zero-padded at the end as YAMNet pads it: to at least one patch, then
     to a whole number of patch hops. `patch_hop_s` (0.48 in YAMNet) sets the hop.
+    `patch_select` > 0 keeps only that many patches of the hop grid, the loudest (most
+    energy in their 0.975 s of samples), in time order, and computes the log-mel of those
+    alone: the same numbers as those patches of the full grid, at a fraction of the
+    encoder's cost (P = min(patch_select, grid patches)).
     """
 
-    def __init__(self, patch_hop_s: float = 0.48) -> None:
+    def __init__(self, patch_hop_s: float = 0.48, patch_select: int = 0) -> None:
         super().__init__()
+        if patch_select < 0:
+            raise ConfigError(f"patch_select={patch_select}: 0 (every patch) or more.")
+        self.patch_select = int(patch_select)
         self.window = round(SAMPLE_RATE * WINDOW_S)  # 400
         self.hop = round(SAMPLE_RATE * HOP_S)  # 160
         self.n_fft = 2 ** math.ceil(math.log2(self.window))  # 512
@@ -94,9 +101,24 @@ class YamnetFrontend(nn.Module):
         return torch.log(magnitude @ self.mel + LOG_OFFSET)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        spec = self.log_mel(self.pad(wave.float()))
+        wave = self.pad(wave.float())
+        if self.patch_select:
+            return self.loudest_patches(wave)
+        spec = self.log_mel(wave)
         patches = spec.unfold(1, self.patch_frames, self.patch_hop_frames)  # [B, P, 64, 96]
         return patches.transpose(2, 3)
+
+    def loudest_patches(self, wave: torch.Tensor) -> torch.Tensor:
+        """Padded waveform [B, T] -> log-mel of its `patch_select` loudest grid patches
+        [B, P, 96, 64], in time order. Patch p's samples start at p * (its hop in frames * 160) and
+        span `min_samples` (96 frames), so its log-mel is computed from them alone."""
+        step = self.patch_hop_frames * self.hop  # the grid's hop, in samples
+        segments = wave.unfold(-1, self.min_samples, step)  # [B, grid, 15600]
+        keep = min(self.patch_select, segments.shape[1])
+        loudest = segments.square().sum(-1).topk(keep, dim=1).indices.sort(dim=1).values
+        chosen = torch.gather(segments, 1, loudest[..., None].expand(-1, -1, self.min_samples))
+        spec = self.log_mel(chosen.reshape(-1, self.min_samples))  # [B * P, 96, 64]
+        return spec.view(wave.shape[0], keep, *spec.shape[1:])
 
 
 def _same_pad(x: torch.Tensor, stride: int, kernel: int = 3) -> torch.Tensor:
@@ -244,6 +266,8 @@ class YamnetBackbone(nn.Module):
             (its batch-norm statistics too), 14 = full fine-tune.
         patch_hop_s: hop between 0.96-s patches (YAMNet: 0.48).
         pooling: "meanmax" (mean and max concatenated, 2048-d), "mean" or "max" (1024-d).
+        patch_select: 0 = every patch of the hop grid; N > 0 = only the N loudest
+            (YamnetFrontend), which cuts the encoder's cost to N patches a clip.
     """
 
     # The Predictor's torch runtime serves it eager, not traced: the traced graph ran 48 vs
@@ -260,6 +284,7 @@ class YamnetBackbone(nn.Module):
         train_blocks: int = 0,
         patch_hop_s: float = 0.48,
         pooling: str = "meanmax",
+        patch_select: int = 0,
     ) -> None:
         super().__init__()
         if encoder != "yamnet":
@@ -271,12 +296,13 @@ class YamnetBackbone(nn.Module):
                 f"model.net.backbone.train_blocks={train_blocks}: choose 0 (frozen) to "
                 f"{NUM_LAYERS} (full fine-tune)."
             )
-        self.frontend = YamnetFrontend(patch_hop_s)
+        self.frontend = YamnetFrontend(patch_hop_s, patch_select)
         self.encoder = YamnetEncoder()
         self.weights_sha256, self.weights_source = weights_sha256, weights_source
         if weights is not None:
             self._load(weights, weights_sha256)
         self.train_blocks, self.patch_hop_s, self.pooling = train_blocks, patch_hop_s, pooling
+        self.patch_select = int(patch_select)
         self.frozen = NUM_LAYERS - train_blocks
         for layer in self.encoder.layers[: self.frozen]:
             # eval from the start, not only on .train(): Lightning restores each module's
@@ -305,6 +331,7 @@ class YamnetBackbone(nn.Module):
             "train_blocks": self.train_blocks,
             "patch_hop_s": self.patch_hop_s,
             "pooling": self.pooling,
+            "patch_select": self.patch_select,
         }
 
     def train(self, mode: bool = True) -> YamnetBackbone:
