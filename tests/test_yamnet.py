@@ -111,6 +111,30 @@ def test_clip_lengths_give_yamnets_patch_counts():
     assert YamnetFrontend(patch_hop_s=0.96)(torch.zeros(1, 80_000)).shape[1] == 6
 
 
+@pytest.mark.parametrize("hop", [0.48, 0.96])
+def test_patch_select_keeps_the_loudest_grid_patches_with_the_same_numbers(hop):
+    wave = torch.randn(3, 80_000, generator=torch.Generator().manual_seed(0)) * 0.01
+    wave[0, 30_000:40_000] *= 50  # a burst in the middle
+    wave[1, 70_000:] *= 30  # at the end
+    wave[2] = 0.0  # silence: ties, the first patches
+    grid = YamnetFrontend(hop)(wave)
+    chosen = YamnetFrontend(hop, patch_select=2)(wave)
+    assert chosen.shape == (3, 2, 96, 64)
+    # Each kept patch is a patch of the full grid, in time order, the loudest ones.
+    energy = grid.exp().sum(dim=(2, 3))  # log-mel energy ranks like sample energy here
+    for clip in range(3):
+        kept = [int((grid[clip] - patch).abs().amax(dim=(1, 2)).argmin()) for patch in chosen[clip]]
+        assert kept == sorted(kept)
+        torch.testing.assert_close(chosen[clip], grid[clip, kept], rtol=0, atol=1e-5)
+        if clip < 2:
+            assert set(kept) == set(energy[clip].topk(2).indices.tolist())
+    # Fewer grid patches than asked for: all of them.
+    assert YamnetFrontend(hop, patch_select=50)(wave).shape[1] == grid.shape[1]
+    backbone = YamnetBackbone(weights=None, patch_hop_s=hop, patch_select=2)
+    assert backbone.spec()["patch_select"] == 2
+    assert backbone.eval()(wave).shape == (3, 2048)
+
+
 # --- the backbone ------------------------------------------------------------------------
 def test_backbone_shapes_and_spec_name_the_encoder_and_its_weights():
     wave = torch.randn(3, 2 * SR) * 0.1
