@@ -398,3 +398,13 @@ def test_by_category_head_names_the_labels_without_categories():
             labels=["electrical_fault", "fluid_leak"],
             category_labels=[0, 0, -1],
         )
+
+
+def test_by_category_auto_takes_the_category_head_only_where_every_label_has_categories():
+    spec = cnn_spec()
+    net = {**{k: spec[k] for k in ("frontend", "backbone")}, "head": {"by_category": "auto"}}
+    labels = ["electrical_fault", "fluid_leak"]
+    own = FaultClassifier(net=net, labels=labels, category_labels=[0, 0, -1])  # own labels
+    assert "category_labels" not in own.net_spec()["head"]
+    mapped = FaultClassifier(net=net, labels=labels, category_labels=[0, 1, -1])  # ESC-50-like
+    assert mapped.net_spec()["head"]["category_labels"] == [0, 1, -1]

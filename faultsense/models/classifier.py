@@ -55,12 +55,17 @@ def _category_head(
     net: dict[str, Any], category_labels: list[int] | None, labels: list[str]
 ) -> dict[str, Any]:
     """`net` with `head.by_category` turned into the head's `category_labels` (a spec that
-    rebuilds without the data), or dropped when false."""
+    rebuilds without the data), or dropped when false. "auto": the category head when
+    every label has source categories (ESC-50), else the plain head (your own labels)."""
     head = dict(net.get("head") or {})
-    if not head.pop("by_category", False):
+    mode = head.pop("by_category", False)
+    if not mode:
         return {**net, "head": head}
     covered = {i for i in category_labels or [] if i >= 0}
     missing = [label for i, label in enumerate(labels) if i not in covered]
+    if missing and mode == "auto":
+        log.info("head.by_category=auto: no source categories for %s; plain head.", missing)
+        return {**net, "head": head}
     if missing:
         raise ConfigError(
             "model.net.head.by_category=true needs source categories (e.g. ESC-50's) for every "
