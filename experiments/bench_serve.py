@@ -12,7 +12,7 @@ phase of its `x-faultsense-timing` header (serving/worker.py PHASES), and the CP
 kind of process spent per request (API servers, LitServe's Manager, inference workers,
 and this load generator, from psutil). Asserts nothing.
 
-    python experiments/bench_serve.py                      # untrained default CNN, temp registry
+    python experiments/bench_serve.py                      # the default model with an untrained head, temp registry
     python experiments/bench_serve.py --registry models    # the current trained model
     python experiments/bench_serve.py --server-arg server.max_batch_size=16 --skip-naive
     python experiments/bench_serve.py --accelerator cuda --concurrency 1 32 128
