@@ -14,6 +14,7 @@ ratio within a round is what counts), and checks they agree on the timing batch.
 
     uv run --frozen python experiments/yamnet_speed.py
     uv run --frozen python experiments/yamnet_speed.py --hops 0.48 0.96 --rounds 7
+    uv run --frozen python experiments/yamnet_speed.py --select 0 2 --rounds 3   # the default: 2
 
 Asserts nothing; prints a table and the load average before and after.
 """
@@ -32,8 +33,9 @@ CLIP_SAMPLES, SAMPLE_RATE = 80_000, 16_000
 CATEGORY_LABELS = [k % 5 - 1 for k in range(50)]
 
 
-def preset_spec(hop: float, weights: str | None) -> dict[str, Any]:
-    """The accurate preset's net spec (configs/model/yamnet.yaml + experiment/accurate)."""
+def preset_spec(hop: float, weights: str | None, select: int = 0) -> dict[str, Any]:
+    """The accurate preset's net spec (configs/model/yamnet.yaml + experiment/accurate);
+    `select` > 0 keeps that many loudest patches (the default model: 2 at hop 0.48)."""
     return {
         "frontend": {"kind": "waveform", "normalize": False},
         "backbone": {
@@ -42,6 +44,7 @@ def preset_spec(hop: float, weights: str | None) -> dict[str, Any]:
             "train_blocks": 0,
             "patch_hop_s": hop,
             "pooling": "meanmax",
+            "patch_select": select,
         },
         "head": {"hidden": 0, "dropout": 0.3, "category_labels": CATEGORY_LABELS},
         "num_classes": 4,
@@ -65,7 +68,9 @@ def ms_per_clip(runner: Any, waves: Any, seconds: float) -> float:
     return statistics.median(times) / len(waves) * 1e3
 
 
-def measure(hop: float, weights: str | None, rounds: int, seconds: float) -> list[dict]:
+def measure(
+    hop: float, weights: str | None, rounds: int, seconds: float, select: int = 0
+) -> list[dict]:
     """Rows {hop, patches, batch, eager, torch, onnx (median ms/clip), ratios {eager,torch}/onnx
     (medians per round), diff (max |probability difference| of onnx against torch)}."""
     import torch
@@ -74,7 +79,7 @@ def measure(hop: float, weights: str | None, rounds: int, seconds: float) -> lis
     from faultsense.models.net import build_net
     from faultsense.onnx_export import build_onnx_runner
 
-    net = build_net(preset_spec(hop, weights)).eval()
+    net = build_net(preset_spec(hop, weights, select)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on YAMNet's static padding
         runners = {
@@ -112,6 +117,13 @@ def measure(hop: float, weights: str | None, rounds: int, seconds: float) -> lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hops", type=float, nargs="+", default=[0.48])
+    parser.add_argument(
+        "--select",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="patch_select values (0: every patch; the default model: 2)",
+    )
     parser.add_argument("--weights", default="wheel", help="'none' for random weights")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.5, help="per runner, batch, round")
@@ -122,7 +134,12 @@ def main() -> None:
     torch.set_num_threads(1)  # as in a serving worker (server.torch_threads)
     weights = None if args.weights.lower() == "none" else args.weights
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    rows = [row for hop in args.hops for row in measure(hop, weights, args.rounds, args.seconds)]
+    rows = [
+        row
+        for hop in args.hops
+        for select in args.select
+        for row in measure(hop, weights, args.rounds, args.seconds, select)
+    ]
     print(
         "| patch hop s | patches | batch | eager ms/clip | torch (jit) ms/clip | onnx ms/clip "
         "| eager/onnx | torch/onnx | max prob diff |"
