@@ -82,7 +82,7 @@ class NumpyLogMel:
             if self.normalize:
                 mean = db.mean(axis=(1, 2), keepdims=True)
                 db = (db - mean) / (db.std(axis=(1, 2), keepdims=True, ddof=1) + 1e-5)
-        # A copy always: `db` may still be a work array, which the next call overwrites.
+        # A fresh C-contiguous array: the caller keeps it while the work arrays are reused.
         return db.transpose(0, 2, 1)[:, None].astype(np.float32, order="C", copy=True)
 
     def _work(self, shape: tuple[int, ...]) -> dict[str, Any]:
