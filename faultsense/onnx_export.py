@@ -127,7 +127,7 @@ class OnnxRunner:
         self.session = session
         self.input_name = session.get_inputs()[0].name
         self.source = source  # "cache" or "export": where the ONNX graph came from
-        self.frontend_kind = getattr(frontend, "kind", "torch")  # "numpy" or "torch"
+        self.frontend_kind = "numpy" if isinstance(frontend, NumpyPart) else "torch"
 
     def __call__(self, wave: torch.Tensor) -> torch.Tensor:
         import torch
@@ -295,8 +295,6 @@ def _session(path: Path, threads: int) -> Any:
 class NumpyPart:
     """The torch part as numpy (models/frontend_numpy.py): waveforms [N, T] (a CPU
     tensor) -> features [N, 1, n, frames] (a CPU tensor)."""
-
-    kind = "numpy"
 
     def __init__(self, twin: Any) -> None:
         self.twin = twin
