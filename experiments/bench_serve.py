@@ -404,23 +404,6 @@ def flame_summary(raw: Path, top: int = 12) -> str:
     return "\n".join(lines)
 
 
-def server_pids(proc: subprocess.Popen) -> dict[int, str]:
-    """The server's processes worth profiling, by pid: the uvicorn API servers and the
-    inference workers (psutil names them by their command line)."""
-    import psutil
-
-    found = {}
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            cmd = " ".join(child.cmdline())
-        except psutil.Error:
-            continue
-        if "resource_tracker" in cmd:
-            continue
-        found[child.pid] = "spawned child" if "multiprocessing" in cmd else "forked child"
-    return found
-
-
 # -- the run ------------------------------------------------------------------------------
 
 
@@ -477,7 +460,9 @@ def run_faultsense(
     with running(argv, url, env, work / "server.log") as proc:
         roles = process_roles(proc, port)
         rows = measure(url, bodies, args.concurrency[:-1], args.requests, args.seconds, roles=roles)
-        jobs = profile(server_pids(proc), args.py_spy, args.seconds, work) if args.py_spy else []
+        # Every server process but the main one (it only supervises) is worth profiling.
+        busy = {pid: role for pid, role in roles.items() if role != "main"}
+        jobs = profile(busy, args.py_spy, args.seconds, work) if args.py_spy else []
         rows += measure(
             url, bodies, args.concurrency[-1:], args.requests, args.seconds, warm=False, roles=roles
         )

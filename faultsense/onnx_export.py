@@ -167,8 +167,10 @@ def build_onnx_runner(
     net = net.to("cpu").eval()
     if not all(hasattr(net, part) for part in ("frontend", "backbone", "head")):
         raise ModelError(f"{type(net).__name__} has no frontend/backbone/head to split.")
-    torch_part = build_runner(_torch_part(net), clip_samples, "jit")[0]
-    torch_part = _numpy_part(net, torch_part, clip_samples) or torch_part
+    # The numpy twin when it has one (checked against eager torch), else the traced frontend.
+    torch_part = (
+        _numpy_part(net, clip_samples) or build_runner(_torch_part(net), clip_samples, "jit")[0]
+    )
     cached = _cache_path(cache_dir, net, key)
     runner = None
     if cached is not None and cached.is_file():
@@ -305,10 +307,10 @@ class NumpyPart:
         return torch.from_numpy(self.twin(wave.numpy()))
 
 
-def _numpy_part(net: nn.Module, torch_part: Any, clip_samples: int) -> NumpyPart | None:
-    """A NumpyPart for `net`'s frontend when it has a numpy twin that reproduces the traced
-    `torch_part` to NUMPY_FRONTEND_ATOL on noise, silence and a loud clip; else None
-    (the torch part then runs, logged why)."""
+def _numpy_part(net: nn.Module, clip_samples: int) -> NumpyPart | None:
+    """A NumpyPart for `net`'s frontend when it has a numpy twin that reproduces the eager
+    frontend to NUMPY_FRONTEND_ATOL on noise, silence and a loud clip; else None (the
+    torch part then runs, logged why)."""
     import torch
 
     from .models.frontend_numpy import NUMPY_FRONTEND_ATOL, numpy_frontend
@@ -321,10 +323,11 @@ def _numpy_part(net: nn.Module, torch_part: Any, clip_samples: int) -> NumpyPart
     waves = torch.randn(3, clip_samples, generator=torch.Generator().manual_seed(2)) * 0.1
     waves[1] = 0.0
     waves[2] *= 5.0
+    part = NumpyPart(twin)
     with torch.inference_mode():
-        diff = float((NumpyPart(twin)(waves) - torch_part(waves)).abs().max())
+        diff = float((part(waves) - net.frontend(waves)).abs().max())
     if diff <= NUMPY_FRONTEND_ATOL:  # also False for NaN
-        return NumpyPart(twin)
+        return part
     log.warning(
         "numpy frontend differs from torch by %.3g (> %g); the frontend runs in torch.",
         diff,

@@ -46,8 +46,7 @@ class NumpyLogMel:
         self.window = np.zeros(n_fft, dtype=np.float32)
         self.window[lo : lo + len(window)] = window
         self.n_fft, self.hop = n_fft, hop
-        self.mel_fb = np.ascontiguousarray(mel_fb, dtype=np.float32)  # [n_freq, n_mels]
-        self.mel_sparse = scipy.sparse.csc_matrix(self.mel_fb)
+        self.mel_sparse = scipy.sparse.csc_matrix(mel_fb, dtype=np.float32)  # [n_freq, n_mels]
         self.top_db, self.normalize = top_db, normalize
         self.dct = None if dct is None else np.ascontiguousarray(dct, dtype=np.float32)
         self._local = threading.local()  # work arrays, per thread (see `_work`)
@@ -118,16 +117,13 @@ def numpy_frontend(frontend: Any) -> NumpyLogMel | None:
 
     features = getattr(frontend, "features", None)
     if isinstance(features, MFCC):
-        twin = _twin(features.logmel, normalize=features.normalize)
-        if twin is not None:
-            twin.dct = np.ascontiguousarray(features.dct.cpu().numpy(), dtype=np.float32)
-        return twin
+        return _twin(features.logmel, features.normalize, features.dct.cpu().numpy())
     if isinstance(features, LogMel):
-        return _twin(features, normalize=features.normalize)
+        return _twin(features, features.normalize)
     return None
 
 
-def _twin(logmel: Any, normalize: bool) -> NumpyLogMel | None:
+def _twin(logmel: Any, normalize: bool, dct: np.ndarray | None = None) -> NumpyLogMel | None:
     spec, mel_scale = logmel.mel.spectrogram, logmel.mel.mel_scale
     plain = (
         spec.center
@@ -146,4 +142,5 @@ def _twin(logmel: Any, normalize: bool) -> NumpyLogMel | None:
         mel_fb=mel_scale.fb.cpu().numpy(),
         top_db=logmel.top_db,
         normalize=normalize,
+        dct=dct,
     )

@@ -110,7 +110,7 @@ class YamnetFrontend(nn.Module):
 
     def loudest_patches(self, wave: torch.Tensor) -> torch.Tensor:
         """Padded waveform [B, T] -> log-mel of its `patch_select` loudest grid patches
-        [B, P, 96, 64], in time order. Patch p's samples start at p * (its hop in frames * 160) and
+        [B, P, 96, 64], in time order. Patch p's samples start at p * the grid's hop and
         span `min_samples` (96 frames), so its log-mel is computed from them alone."""
         step = self.patch_hop_frames * self.hop  # the grid's hop, in samples
         segments = wave.unfold(-1, self.min_samples, step)  # [B, grid, 15600]
