@@ -189,6 +189,12 @@ def test_yamnet_runs_its_encoder_on_onnx_runtime(tmp_path, caplog):
     (graph,) = tmp_path.glob("*.onnx")
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape[1:] == [2, 96, 64]  # a second's two patches
+    # Exported in its folded form (YamnetBackbone.export_module): every layer one Conv,
+    # no Pad, Transpose or MatMul between them (ONNX Runtime's fast layout).
+    import onnx as onnx_lib
+
+    ops = [node.op_type for node in onnx_lib.load(str(graph)).graph.node]
+    assert ops.count("Conv") == 27 and not {"Pad", "Transpose", "MatMul"} & set(ops)
     # Short, exact and long (several windows) clips.
     clips = [noisy_tone(s, i) for i, s in enumerate([0.3, 1.0, 2.6, 0.05, 1.7])]
     got, want = (

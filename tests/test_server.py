@@ -208,7 +208,7 @@ def _stream_chunked(url: str, path: str, chunk: bytes, max_bytes: int) -> tuple[
             pass  # closed by the server mid-send: read what it said before closing
         sock.settimeout(30)
         try:
-            while b"\r\n\r\n" not in answer:
+            while not _whole_answer(answer):
                 data = sock.recv(65536)
                 if not data:
                     break
@@ -216,6 +216,19 @@ def _stream_chunked(url: str, path: str, chunk: bytes, max_bytes: int) -> tuple[
         except OSError:
             pass
     return sent, answer
+
+
+def _whole_answer(answer: bytes) -> bool:
+    """Whether `answer` holds an HTTP response's headers and all of its Content-Length body
+    (the body may come in a later packet than the headers)."""
+    head, sep, body = answer.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return True
 
 
 def test_oversized_streamed_body_without_length_is_refused(live_server):

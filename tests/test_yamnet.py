@@ -16,6 +16,7 @@ from faultsense.errors import ModelError
 from faultsense.models import yamnet_weights
 from faultsense.models.net import build_net
 from faultsense.models.yamnet import (
+    FoldedEncoder,
     YamnetBackbone,
     YamnetEncoder,
     YamnetFrontend,
@@ -155,6 +156,38 @@ def test_forward_is_from_features_of_features():
         features = backbone.eval().features(wave)
         assert torch.equal(features, backbone.frontend(wave)) and features.shape == (3, 4, 96, 64)
         assert torch.equal(backbone.from_features(features), backbone(wave))
+
+
+def _random_statistics(module: torch.nn.Module) -> torch.nn.Module:
+    """Batch-norm shifts and statistics away from their initial 0 / 1 (folding them is tested)."""
+    gen = torch.Generator().manual_seed(3)
+    for name, tensor in module.state_dict().items():
+        if name.endswith(("bias", "running_mean")):
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.1)
+        elif name.endswith("running_var"):
+            tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
+    return module.eval()
+
+
+@pytest.mark.parametrize("size", [(96, 64), (95, 63), (96, 63)])
+def test_the_folded_encoder_computes_the_encoder(size):
+    # The form exported to ONNX Runtime: batch norm and TensorFlow's 'same' padding (one
+    # pixel more at the end on even sizes) folded into plain convs.
+    encoder = _random_statistics(YamnetEncoder())
+    x = torch.randn(3, 1, *size, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        expected, got = encoder(x), FoldedEncoder(encoder, size)(x)
+    assert got.shape == expected.shape == (3, 1024)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_the_exported_form_is_from_features():
+    backbone = _random_statistics(YamnetBackbone(weights=None, patch_select=2))
+    features = backbone.features(torch.randn(2, 3 * SR) * 0.1)
+    with torch.inference_mode():
+        expected, got = backbone.from_features(features), backbone.export_module()(features)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+    assert not backbone.training  # building it changes nothing of the backbone
 
 
 def test_the_torch_runtime_serves_yamnet_eager_not_traced():
