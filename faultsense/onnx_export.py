@@ -5,7 +5,9 @@ and the ONNX Runtime serving path.
 anything is registered; `onnx_parity` is the check, also usable on a registered bundle.
 
 Serving (`Predictor(runtime="onnx")`, `server.runtime`): `build_onnx_runner` runs the
-net's frontend in torch (traced) and the rest (backbone + head) in ONNX Runtime. The
+net's frontend (its torch part, below) in numpy where it has a twin
+(models/frontend_numpy.py, checked against eager torch on every load), else in torch
+(traced), and the rest (backbone + head) in ONNX Runtime. The
 whole-net export is slower than torch in ONNX Runtime: its STFT kernel took 56% of the
 graph's time and the graph ran at 0.65x the traced torch net on batches of 32; the
 convolutions alone ran ~2x faster than torch's at batch 1 and ~1.2x at batch 32
@@ -302,7 +304,7 @@ def _session(path: Path, threads: int) -> Any:
 
 class NumpyPart:
     """The torch part as numpy (models/frontend_numpy.py): waveforms [N, T] (a CPU
-    tensor) -> features [N, 1, n, frames] (a CPU tensor)."""
+    tensor) -> features (a CPU tensor: [N, 1, n, frames], or YAMNet's [N, P, 96, 64])."""
 
     def __init__(self, twin: Any) -> None:
         self.twin = twin
@@ -314,16 +316,14 @@ class NumpyPart:
 
 
 def _numpy_part(net: nn.Module, clip_samples: int) -> NumpyPart | None:
-    """A NumpyPart for `net`'s frontend when it has a numpy twin that reproduces the eager
-    frontend to NUMPY_FRONTEND_ATOL on noise, silence and a loud clip; else None (the
-    torch part then runs, logged why)."""
+    """A NumpyPart for `net`'s torch part when it has a numpy twin that reproduces the
+    eager torch part to NUMPY_FRONTEND_ATOL on noise, silence and a loud clip; else None
+    (the torch part then runs, logged why)."""
     import torch
 
-    from .models.frontend_numpy import NUMPY_FRONTEND_ATOL, numpy_frontend
+    from .models.frontend_numpy import NUMPY_FRONTEND_ATOL, numpy_torch_part
 
-    if _splits_at_features(net.backbone):
-        return None
-    twin = numpy_frontend(net.frontend)
+    twin = numpy_torch_part(net)
     if twin is None:
         return None
     waves = torch.randn(3, clip_samples, generator=torch.Generator().manual_seed(2)) * 0.1
@@ -331,7 +331,7 @@ def _numpy_part(net: nn.Module, clip_samples: int) -> NumpyPart | None:
     waves[2] *= 5.0
     part = NumpyPart(twin)
     with torch.inference_mode():
-        diff = float((part(waves) - net.frontend(waves)).abs().max())
+        diff = float((part(waves) - _torch_part(net)(waves)).abs().max())
     if diff <= NUMPY_FRONTEND_ATOL:  # also False for NaN
         return part
     log.warning(

@@ -1,6 +1,7 @@
-"""The numpy twin of the log-mel / MFCC frontends (serving's CPU fast path): same
-features as the torch modules for every setting it accepts, refused for any it doesn't,
-and used by the ONNX Runtime runner only while it agrees with torch."""
+"""The numpy twins of the log-mel / MFCC frontends and of YAMNet's log-mel patches
+(serving's CPU fast path): same features as the torch modules for every setting they
+accept, refused for any they don't, and used by the ONNX Runtime runner only while they
+agree with torch."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ import torch
 
 from faultsense.inference import Predictor
 from faultsense.models.frontend import build_frontend
-from faultsense.models.frontend_numpy import NUMPY_FRONTEND_ATOL, numpy_frontend
+from faultsense.models.frontend_numpy import (
+    NUMPY_FRONTEND_ATOL,
+    NumpyYamnetPatches,
+    numpy_frontend,
+)
+from faultsense.models.yamnet import YamnetFrontend
 
 SR = 16_000
 
@@ -110,3 +116,25 @@ def test_twin_works_in_and_out_of_inference_mode_and_returns_fresh_arrays():
     assert not np.shares_memory(first, second)
     np.testing.assert_array_equal(first, again)
     assert not np.allclose(first, second)
+
+
+@pytest.mark.parametrize(
+    ("patch_hop_s", "patch_select", "seconds"),
+    [(0.48, 0, 1.5), (0.96, 0, 0.5), (0.96, 2, 5.0), (0.48, 3, 2.2)],
+)
+def test_numpy_twin_computes_yamnet_patches(patch_hop_s, patch_select, seconds):
+    frontend = YamnetFrontend(patch_hop_s, patch_select).eval()
+    x = waves(int(seconds * SR))
+    x[0, : x.shape[1] // 3] *= 10.0  # the noise is loudest early: the selection matters
+    with torch.inference_mode():
+        want = frontend(x).numpy()
+        exact = copy.deepcopy(frontend).double()(x.double()).numpy()
+    got = NumpyYamnetPatches(frontend)(x.numpy())
+    assert got.shape == want.shape and got.dtype == np.float32 and got.flags.c_contiguous
+    assert np.abs(got - want)[[0, 2, 3]].max() <= NUMPY_FRONTEND_ATOL
+    # The tone's bands near the log floor: as close to the float64 numbers as torch's.
+    assert np.abs(got - exact)[1].max() <= 2 * np.abs(want - exact)[1].max() + 1e-5
+    if patch_select:  # the noise's loud start is what it kept: the grid's first patches
+        with torch.inference_mode():
+            grid = YamnetFrontend(patch_hop_s).eval()(x[:1]).numpy()
+        assert np.abs(got[0] - grid[0, :patch_select]).max() <= NUMPY_FRONTEND_ATOL

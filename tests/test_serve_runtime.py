@@ -186,6 +186,7 @@ def test_yamnet_runs_its_encoder_on_onnx_runtime(tmp_path, caplog):
     onnx = Predictor(net, {**meta, "weights_sha256": "w"}, onnx_cache=tmp_path, runtime="onnx")
     assert onnx.runtime == "onnx" and onnx.fast_path == "onnx"
     assert "graph from export" in caplog.text  # runner.source
+    assert onnx._loaded.runner.frontend_kind == "numpy"  # its log-mel patches: numpy's twin
     (graph,) = tmp_path.glob("*.onnx")
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape[1:] == [2, 96, 64]  # a second's two patches

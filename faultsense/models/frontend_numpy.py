@@ -1,4 +1,5 @@
-"""The eval-mode LogMel / MFCC frontends in numpy, for the CPU serving path.
+"""The eval-mode LogMel / MFCC frontends and YAMNet's log-mel patches in numpy, for the
+CPU serving path (`numpy_torch_part(net)` picks the twin of what onnx_export runs in torch).
 
 `numpy_frontend(frontend)` reads a trained `Frontend`'s settings and buffers (STFT
 window, mel filterbank, DCT) and computes the same features with scipy's FFT, the mel
@@ -18,7 +19,9 @@ import threading
 from typing import Any
 
 import numpy as np
+import scipy.fft
 import scipy.sparse
+from numpy.lib.stride_tricks import sliding_window_view
 
 # Agree with the torch frontend to this (normalized features: unit variance per clip).
 NUMPY_FRONTEND_ATOL = 1e-3
@@ -52,8 +55,6 @@ class NumpyLogMel:
         self._local = threading.local()  # work arrays, per thread (see `_work`)
 
     def __call__(self, wave: np.ndarray) -> np.ndarray:
-        import scipy.fft
-
         wave = np.asarray(wave, dtype=np.float32)
         work = self._work(wave.shape)
         half = self.n_fft // 2
@@ -62,7 +63,7 @@ class NumpyLogMel:
             padded[:, half:-half] = wave
             padded[:, :half] = wave[:, half:0:-1]  # reflect, as torch.stft pads
             padded[:, -half:] = wave[:, -2 : -half - 2 : -1]
-            frames = np.lib.stride_tricks.sliding_window_view(padded, self.n_fft, axis=1)
+            frames = sliding_window_view(padded, self.n_fft, axis=1)
             windowed = np.multiply(frames[:, :: self.hop], self.window, out=work["windowed"])
             spectrum = scipy.fft.rfft(windowed, axis=-1, workers=1, overwrite_x=True)
             power = np.square(spectrum.real, out=work["power"])  # [B, frames, n_freq]
@@ -110,6 +111,19 @@ def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return torch.matmul(torch.from_numpy(a), torch.from_numpy(b)).numpy()
 
 
+def numpy_torch_part(net: Any) -> NumpyLogMel | NumpyYamnetPatches | None:
+    """The numpy twin of what runs in torch on the ONNX Runtime path (onnx_export's torch
+    part): the net's LogMel / MFCC frontend, or a YAMNet backbone's log-mel patches behind a
+    plain waveform frontend; None when there is no twin for it."""
+    from .frontend import Waveform
+    from .yamnet import YamnetBackbone
+
+    if isinstance(net.backbone, YamnetBackbone):
+        plain = isinstance(net.frontend.features, Waveform) and not net.frontend.features.normalize
+        return NumpyYamnetPatches(net.backbone.frontend) if plain else None
+    return numpy_frontend(net.frontend)
+
+
 def numpy_frontend(frontend: Any) -> NumpyLogMel | None:
     """The numpy twin of an eval-mode `Frontend` over LogMel or MFCC, or None when its
     features are of another kind or use settings the twin does not implement."""
@@ -121,6 +135,56 @@ def numpy_frontend(frontend: Any) -> NumpyLogMel | None:
     if isinstance(features, LogMel):
         return _twin(features, features.normalize)
     return None
+
+
+class NumpyYamnetPatches:
+    """Waveforms [B, T] float32 at 16 kHz -> YAMNet's log-mel patches [B, P, 96, 64] float32:
+    `YamnetFrontend`'s numbers (padding, periodic Hann window, 512-point FFT magnitude,
+    its mel matrix as a sparse matrix, log with offset 0.001, patches on the hop grid or
+    only the `patch_select` loudest), with scipy's FFT: ~2.5x faster than the eager torch
+    frontend on one core (experiments/README.md, issue 16)."""
+
+    def __init__(self, frontend: Any) -> None:
+        from .yamnet import LOG_OFFSET
+
+        self.window, self.hop, self.n_fft = frontend.window, frontend.hop, frontend.n_fft
+        self.hann = frontend.hann.cpu().numpy().astype(np.float32)
+        self.mel_sparse = scipy.sparse.csc_matrix(frontend.mel.cpu().numpy(), dtype=np.float32)
+        self.patch_frames, self.patch_hop_frames = frontend.patch_frames, frontend.patch_hop_frames
+        self.min_samples, self.hop_samples = frontend.min_samples, frontend.hop_samples
+        self.patch_select = frontend.patch_select
+        self.log_offset = np.float32(LOG_OFFSET)
+
+    def __call__(self, wave: np.ndarray) -> np.ndarray:
+        wave = np.asarray(wave, dtype=np.float32)
+        batch, n = wave.shape
+        hops = -(-(max(n, self.min_samples) - self.min_samples) // self.hop_samples)  # ceil
+        padded = np.zeros((batch, self.min_samples + hops * self.hop_samples), np.float32)
+        padded[:, :n] = wave
+        with np.errstate(over="ignore", invalid="ignore"):  # huge samples: inf, as in torch
+            if not self.patch_select:
+                spec = self._log_mel(padded)  # [B, frames, 64]
+                grid = sliding_window_view(spec, self.patch_frames, axis=1)
+                patches = grid[:, :: self.patch_hop_frames]  # [B, P, 64, 96]
+                return np.ascontiguousarray(patches.transpose(0, 1, 3, 2))
+            step = self.patch_hop_frames * self.hop
+            segments = sliding_window_view(padded, self.min_samples, axis=1)[:, ::step]
+            energy = np.einsum("bps,bps->bp", segments, segments)  # [B, grid]
+            keep = min(self.patch_select, segments.shape[1])
+            loudest = np.sort(np.argsort(-energy, axis=1, kind="stable")[:, :keep], axis=1)
+            chosen = segments[np.arange(batch)[:, None], loudest]  # [B, keep, min_samples]
+            spec = self._log_mel(chosen.reshape(batch * keep, self.min_samples))
+        return spec.reshape(batch, keep, *spec.shape[1:])
+
+    def _log_mel(self, wave: np.ndarray) -> np.ndarray:
+        """[N, T] -> log-mel [N, frames, 64], frames = 1 + (T - 400) // 160."""
+        frames = sliding_window_view(wave, self.window, axis=1)[:, :: self.hop] * self.hann
+        spectrum = scipy.fft.rfft(frames, n=self.n_fft, axis=-1, workers=1, overwrite_x=True)
+        magnitude = np.abs(spectrum)  # [N, frames, 257]
+        mel = np.asarray(magnitude.reshape(-1, magnitude.shape[-1]) @ self.mel_sparse)
+        mel += self.log_offset
+        np.log(mel, out=mel)
+        return np.ascontiguousarray(mel).reshape(*magnitude.shape[:2], -1)
 
 
 def _twin(logmel: Any, normalize: bool, dct: np.ndarray | None = None) -> NumpyLogMel | None:
