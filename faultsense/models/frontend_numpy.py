@@ -153,9 +153,12 @@ class NumpyYamnetPatches:
         self.patch_frames, self.patch_hop_frames = frontend.patch_frames, frontend.patch_hop_frames
         self.min_samples, self.hop_samples = frontend.min_samples, frontend.hop_samples
         self.patch_select = frontend.patch_select
+        self.frontend = frontend  # its `loudest`: the same choice of patches, ties included
         self.log_offset = np.float32(LOG_OFFSET)
 
     def __call__(self, wave: np.ndarray) -> np.ndarray:
+        import torch
+
         wave = np.asarray(wave, dtype=np.float32)
         batch, n = wave.shape
         hops = -(-(max(n, self.min_samples) - self.min_samples) // self.hop_samples)  # ceil
@@ -169,10 +172,10 @@ class NumpyYamnetPatches:
                 return np.ascontiguousarray(patches.transpose(0, 1, 3, 2))
             step = self.patch_hop_frames * self.hop
             segments = sliding_window_view(padded, self.min_samples, axis=1)[:, ::step]
-            energy = np.einsum("bps,bps->bp", segments, segments)  # [B, grid]
-            keep = min(self.patch_select, segments.shape[1])
-            loudest = np.sort(np.argsort(-energy, axis=1, kind="stable")[:, :keep], axis=1)
-            chosen = segments[np.arange(batch)[:, None], loudest]  # [B, keep, min_samples]
+            with torch.inference_mode():
+                loudest = self.frontend.loudest(self.frontend.segments(torch.from_numpy(padded)))
+            keep = loudest.shape[1]
+            chosen = segments[np.arange(batch)[:, None], loudest.numpy()]  # [B, keep, samples]
             spec = self._log_mel(chosen.reshape(batch * keep, self.min_samples))
         return spec.reshape(batch, keep, *spec.shape[1:])
 

@@ -112,13 +112,22 @@ class YamnetFrontend(nn.Module):
         """Padded waveform [B, T] -> log-mel of its `patch_select` loudest grid patches
         [B, P, 96, 64], in time order. Patch p's samples start at p * the grid's hop and
         span `min_samples` (96 frames), so its log-mel is computed from them alone."""
-        step = self.patch_hop_frames * self.hop  # the grid's hop, in samples
-        segments = wave.unfold(-1, self.min_samples, step)  # [B, grid, 15600]
-        keep = min(self.patch_select, segments.shape[1])
-        loudest = segments.square().sum(-1).topk(keep, dim=1).indices.sort(dim=1).values
+        segments = self.segments(wave)  # [B, grid, 15600]
+        loudest = self.loudest(segments)
         chosen = torch.gather(segments, 1, loudest[..., None].expand(-1, -1, self.min_samples))
         spec = self.log_mel(chosen.reshape(-1, self.min_samples))  # [B * P, 96, 64]
-        return spec.view(wave.shape[0], keep, *spec.shape[1:])
+        return spec.view(wave.shape[0], loudest.shape[1], *spec.shape[1:])
+
+    def segments(self, wave: torch.Tensor) -> torch.Tensor:
+        """Padded waveform [B, T] -> the grid patches' samples [B, grid, min_samples] (a view)."""
+        return wave.unfold(-1, self.min_samples, self.patch_hop_frames * self.hop)
+
+    def loudest(self, segments: torch.Tensor) -> torch.Tensor:
+        """Grid patches' samples [B, grid, min_samples] -> indices [B, P] of the
+        `patch_select` loudest, in time order. The numpy twin calls this too, so equally
+        loud patches (a looped clip has them) are chosen the same way on both paths."""
+        keep = min(self.patch_select, segments.shape[1])
+        return segments.square().sum(-1).topk(keep, dim=1).indices.sort(dim=1).values
 
 
 def _same_pad(x: torch.Tensor, stride: int, kernel: int = 3) -> torch.Tensor:
