@@ -141,8 +141,8 @@ class NumpyYamnetPatches:
     """Waveforms [B, T] float32 at 16 kHz -> YAMNet's log-mel patches [B, P, 96, 64] float32:
     `YamnetFrontend`'s numbers (padding, periodic Hann window, 512-point FFT magnitude,
     its mel matrix as a sparse matrix, log with offset 0.001, patches on the hop grid or
-    only the `patch_select` loudest), with scipy's FFT: ~2.5x faster than the eager torch
-    frontend on one core (experiments/README.md, issue 16)."""
+    only the `patch_select` loudest, as the torch frontend chooses them), with scipy's FFT:
+    ~1.5x faster than the eager torch frontend on one core (experiments/README.md, issue 16)."""
 
     def __init__(self, frontend: Any) -> None:
         from .yamnet import LOG_OFFSET
@@ -170,12 +170,11 @@ class NumpyYamnetPatches:
                 grid = sliding_window_view(spec, self.patch_frames, axis=1)
                 patches = grid[:, :: self.patch_hop_frames]  # [B, P, 64, 96]
                 return np.ascontiguousarray(patches.transpose(0, 1, 3, 2))
-            step = self.patch_hop_frames * self.hop
-            segments = sliding_window_view(padded, self.min_samples, axis=1)[:, ::step]
             with torch.inference_mode():
-                loudest = self.frontend.loudest(self.frontend.segments(torch.from_numpy(padded)))
+                segments = self.frontend.segments(torch.from_numpy(padded))  # a view
+                loudest = self.frontend.loudest(segments).numpy()
             keep = loudest.shape[1]
-            chosen = segments[np.arange(batch)[:, None], loudest.numpy()]  # [B, keep, samples]
+            chosen = segments.numpy()[np.arange(batch)[:, None], loudest]  # [B, keep, samples]
             spec = self._log_mel(chosen.reshape(batch * keep, self.min_samples))
         return spec.reshape(batch, keep, *spec.shape[1:])
 

@@ -266,8 +266,8 @@ class FoldedEncoder(nn.Module):
     """An eval-mode YamnetEncoder as ONNX Runtime runs it fastest: patches [N, 1, H, W]
     (H, W = `size`) -> embeddings [N, 1024], every layer one folded conv + ReLU
     (`folded_same_conv`) and 1x1 convolutions as Conv, not conv_bn_relu's matmul (which
-    PyTorch's CPU kernels prefer). On one core, batch 32 of 2-patch clips: 135 ms against
-    195 ms for the export of the eager form (experiments/README.md, issue 16)."""
+    PyTorch's CPU kernels prefer). On one core, batch 32 of 2-patch clips: 122 ms against
+    182 ms for the export of the eager form (experiments/README.md, issue 16)."""
 
     def __init__(self, encoder: YamnetEncoder, size: tuple[int, int]) -> None:
         super().__init__()
