@@ -15,7 +15,11 @@ from tests.fixtures.server import REPO
 
 
 def test_make_loadtest_writes_the_report_and_plots(live_server):
-    env = {**os.environ, "FAULTSENSE_LOADTEST_SECONDS": "1"}
+    # Not the outer make's variables: `make test ARGS="-k ..."` would hand its pytest ARGS
+    # to `make loadtest` (MAKEFLAGS), whose ARGS go to Locust.
+    outer = ("MAKEFLAGS", "MAKEOVERRIDES", "MFLAGS", "MAKELEVEL", "ARGS")
+    env = {k: v for k, v in os.environ.items() if k not in outer}
+    env["FAULTSENSE_LOADTEST_SECONDS"] = "1"
     run = subprocess.run(
         ["make", "-C", str(REPO), "loadtest", f"LOADTEST_HOST={live_server.url}",
          "LOADTEST_USERS=4", "LOADTEST_TIME=6s"],
