@@ -147,41 +147,37 @@ class NumpyYamnetPatches:
     def __init__(self, frontend: Any) -> None:
         from .yamnet import LOG_OFFSET
 
-        self.window, self.hop, self.n_fft = frontend.window, frontend.hop, frontend.n_fft
+        # The frontend itself pads, cuts the patch grid and picks the loudest patches (cheap
+        # tensor views and a top-k): one definition of them, ties included.
+        self.frontend = frontend
         self.hann = frontend.hann.cpu().numpy().astype(np.float32)
         self.mel_sparse = scipy.sparse.csc_matrix(frontend.mel.cpu().numpy(), dtype=np.float32)
-        self.patch_frames, self.patch_hop_frames = frontend.patch_frames, frontend.patch_hop_frames
-        self.min_samples, self.hop_samples = frontend.min_samples, frontend.hop_samples
-        self.patch_select = frontend.patch_select
-        self.frontend = frontend  # its `loudest`: the same choice of patches, ties included
         self.log_offset = np.float32(LOG_OFFSET)
 
     def __call__(self, wave: np.ndarray) -> np.ndarray:
         import torch
 
-        wave = np.asarray(wave, dtype=np.float32)
-        batch, n = wave.shape
-        hops = -(-(max(n, self.min_samples) - self.min_samples) // self.hop_samples)  # ceil
-        padded = np.zeros((batch, self.min_samples + hops * self.hop_samples), np.float32)
-        padded[:, :n] = wave
+        f = self.frontend
+        with torch.inference_mode():
+            padded = f.pad(torch.from_numpy(np.asarray(wave, dtype=np.float32)))
+            segments = f.segments(padded) if f.patch_select else None  # a view
+            loudest = f.loudest(segments).numpy() if f.patch_select else None
         with np.errstate(over="ignore", invalid="ignore"):  # huge samples: inf, as in torch
-            if not self.patch_select:
-                spec = self._log_mel(padded)  # [B, frames, 64]
-                grid = sliding_window_view(spec, self.patch_frames, axis=1)
-                patches = grid[:, :: self.patch_hop_frames]  # [B, P, 64, 96]
+            if loudest is None:
+                spec = self._log_mel(padded.numpy())  # [B, frames, 64]
+                grid = sliding_window_view(spec, f.patch_frames, axis=1)
+                patches = grid[:, :: f.patch_hop_frames]  # [B, P, 64, 96]
                 return np.ascontiguousarray(patches.transpose(0, 1, 3, 2))
-            with torch.inference_mode():
-                segments = self.frontend.segments(torch.from_numpy(padded))  # a view
-                loudest = self.frontend.loudest(segments).numpy()
-            keep = loudest.shape[1]
+            batch, keep = loudest.shape
             chosen = segments.numpy()[np.arange(batch)[:, None], loudest]  # [B, keep, samples]
-            spec = self._log_mel(chosen.reshape(batch * keep, self.min_samples))
+            spec = self._log_mel(chosen.reshape(batch * keep, f.min_samples))
         return spec.reshape(batch, keep, *spec.shape[1:])
 
     def _log_mel(self, wave: np.ndarray) -> np.ndarray:
         """[N, T] -> log-mel [N, frames, 64], frames = 1 + (T - 400) // 160."""
-        frames = sliding_window_view(wave, self.window, axis=1)[:, :: self.hop] * self.hann
-        spectrum = scipy.fft.rfft(frames, n=self.n_fft, axis=-1, workers=1, overwrite_x=True)
+        f = self.frontend
+        frames = sliding_window_view(wave, f.window, axis=1)[:, :: f.hop] * self.hann
+        spectrum = scipy.fft.rfft(frames, n=f.n_fft, axis=-1, workers=1, overwrite_x=True)
         magnitude = np.abs(spectrum)  # [N, frames, 257]
         mel = np.asarray(magnitude.reshape(-1, magnitude.shape[-1]) @ self.mel_sparse)
         mel += self.log_offset
