@@ -81,7 +81,7 @@ class ServerContext:
     jobs: JobRunner
     stats: SharedStats
     api_key: str | None
-    handler: Any = None  # LitServe's request handler for /predict (serving/server.py)
+    channel: Any = None  # /predict's path to the inference workers (serving/channel.py)
     monitor: PredictionLog | None = None  # the prediction log (serving/monitor.py)
     protect_metrics: bool = False  # auth.protect_metrics: /metrics needs the API key
 

@@ -7,10 +7,12 @@ MLOps routes (uploads, retraining, model switching).
 
 Process layout (LitServe): `server.num_api_servers` uvicorn processes parse HTTP and run
 the extra routes; `server.workers_per_device` inference workers per device each hold a
-Predictor (serving/worker.py). The server is put together from:
+Predictor (serving/worker.py); /predict reaches them over a Channel of Unix sockets
+(serving/channel.py) instead of LitServe's Manager queues. The server is put together from:
 
 - settings.py      configs/serve.yaml -> validated `ServeSettings`
 - worker.py        the LitAPI (decode, batch, predict, hot reload) and the shared stats
+- channel.py       the request path between the HTTP processes and the workers
 - http_helpers.py  HTTPError and its status, body limits, JSON, API key, reading audio
 - routes.py        the MLOps routes on an APIRouter, one function each
 - this module      the LitServer, `/predict`, the error handlers, serve and main
@@ -43,6 +45,7 @@ from faultsense import CONFIG_DIR
 from faultsense.config import exit_on_user_error
 from faultsense.errors import FaultSenseError
 
+from .channel import LOST_AFTER_S, Channel
 from .http_helpers import (
     BodyLimitMiddleware,
     HTTPError,
@@ -60,7 +63,7 @@ from .metrics import (
 from .monitor import MonitorSettings, PredictionLog, observe_predict
 from .routes import ServerContext, router, server_context
 from .settings import ServeSettings, serve_settings
-from .worker import STAMPS, FaultSenseAPI, Payload, SharedStats, phases
+from .worker import STAMPS, FaultSenseAPI, SharedStats, phases
 
 # With server.debug_timing: each /predict answer says where its time went, in ms
 # ("read=0.1,queue=0.4,...": serving/worker.py PHASES; experiments/bench_serve.py sums them).
@@ -73,8 +76,6 @@ def build_server(cfg: Any) -> ls.LitServer:
     """The LitServer with /predict and the extra routes, from the serve config or
     ServeSettings; refuses (RegistryError) when the registry has no current version or
     the current bundle fails its checksum, (ConfigError) when a setting is out of range."""
-    from litserve.server import RegularRequestHandler
-
     from faultsense.registry import Registry
 
     settings = serve_settings(cfg)
@@ -82,10 +83,10 @@ def build_server(cfg: Any) -> ls.LitServer:
     registry.current().verify()  # RegistryError with a clear message when there is none
     Path(settings.uploads_dir).mkdir(parents=True, exist_ok=True)
 
-    api = FaultSenseAPI(settings)
-    # LitServe's default transport (Manager queues) is kept on purpose: pipe-backed
-    # multiprocessing queues cost the same CPU per request here, and a worker killed while
-    # holding a queue's lock (kill -9, a native crash) would deadlock the restarted one.
+    # /predict's requests and answers go over the Channel (serving/channel.py), not
+    # LitServe's Manager queues; LitServe runs, restarts and stops the processes.
+    channel = Channel.open()
+    api = FaultSenseAPI(settings, channel)
     server = ls.LitServer(
         api,
         accelerator=settings.accelerator,
@@ -93,7 +94,6 @@ def build_server(cfg: Any) -> ls.LitServer:
         workers_per_device=settings.workers_per_device,
         timeout=settings.request_timeout,
         restart_workers=settings.restart_workers,
-        fast_queue=settings.fast_queue,
         model_metadata={"name": "faultsense", "registry": str(Path(settings.registry_dir))},
         middlewares=[
             (
@@ -110,7 +110,7 @@ def build_server(cfg: Any) -> ls.LitServer:
     # One device slot per worker: LitServe runs workers_per_device workers on each device
     # it resolved ("auto" included). The workers start in run(), so they get these stats.
     api.stats = SharedStats(len(server.devices) * settings.workers_per_device)
-    ctx = _context(settings, registry, api.stats, RegularRequestHandler(api, server))
+    ctx = _context(settings, registry, api.stats, channel)
     ctx.monitor = PredictionLog(MonitorSettings.from_settings(settings))
     ctx.protect_metrics = settings.protect_metrics
     _install(server.app, ctx)
@@ -118,10 +118,10 @@ def build_server(cfg: Any) -> ls.LitServer:
 
 
 def _context(
-    settings: ServeSettings, registry: Any, stats: SharedStats, handler: Any
+    settings: ServeSettings, registry: Any, stats: SharedStats, channel: Channel
 ) -> ServerContext:
     """The routes' shared state: registry, uploads and jobs as configured, the workers'
-    stats and LitServe's /predict request handler."""
+    stats and the channel /predict sends its requests over."""
     from faultsense.data.uploads import UploadStore
 
     from .jobs import JobRunner
@@ -140,7 +140,7 @@ def _context(
         ),
         stats=stats,
         api_key=os.environ.get(settings.api_key_env) or None,
-        handler=handler,
+        channel=channel,
     )
 
 
@@ -173,8 +173,10 @@ async def predict(request: Request) -> Response:
         record_decode_failure("is empty")
         raise HTTPError(422, f"{name} is empty (0 bytes).")
     read = time.perf_counter()
-    payload = Payload(audio=data, name=name, t_submit=read)
-    status, body, stamps = await ctx.handler.handle_request(payload, dict)
+    # Past request_timeout a worker refuses the request; LOST_AFTER_S more covers one
+    # that died holding it.
+    wait = ctx.settings.request_timeout + LOST_AFTER_S
+    status, body, stamps = await ctx.channel.client().predict(data, name, read, wait)
     # Metrics and the prediction log (serving/monitor.py); never fails the request.
     observe_predict(
         ctx.monitor,
@@ -240,6 +242,7 @@ def serve(cfg: Any) -> None:
             access_log=settings.access_log,
         )
     finally:
+        server.app.state.faultsense.channel.close()
         cleanup_multiprocess(metrics_dir)
 
 

@@ -38,7 +38,6 @@ class ServeSettings:
     request_timeout: float = 60.0
     reload_check_s: float = 0.0
     restart_workers: bool = True
-    fast_queue: bool = False
     debug_timing: bool = False
     max_request_bytes: int = 25 * 2**20
     max_upload_request_bytes: int = 100 * 2**20
@@ -81,7 +80,6 @@ class ServeSettings:
             request_timeout=float(s["request_timeout"]),
             reload_check_s=float(s["reload_check_s"]),
             restart_workers=bool(s.get("restart_workers", True)),
-            fast_queue=bool(s.get("fast_queue", False)),
             debug_timing=bool(s.get("debug_timing", False)),
             max_request_bytes=int(lim["max_request_bytes"]),
             max_upload_request_bytes=int(lim["max_upload_request_bytes"]),

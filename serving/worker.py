@@ -8,9 +8,11 @@ between batches, so a promote or rollback takes effect on the next batch with no
 request. Bad input never poisons a batch: a request whose audio cannot be decoded is
 answered with a 4xx while the others in its batch are served.
 
-Batching (`DrainingBatchLoop`): a free worker takes the first queued request and
-everything queued behind it (up to `max_batch_size`) without waiting for more, so a
-request that arrives alone is served at once and batches grow with the load. Each
+Requests come over the Channel (serving/channel.py), not LitServe's queues: LitServe
+starts, sets up and restarts the workers, and `ChannelLoop` runs `serve_once` forever.
+Batching: a free worker takes the first queued request and everything queued behind it
+(up to `max_batch_size`) without waiting for more, so a request that arrives alone is
+served at once and batches grow with the load. Each
 request carries `time.perf_counter` stamps (one system-wide clock on Linux) through every
 stage; `/predict` can return them as a debug header (`server.debug_timing`).
 
@@ -24,17 +26,16 @@ import multiprocessing as mp
 import os
 import time
 from dataclasses import dataclass, field
-from queue import Empty
 from typing import Any
 
 import litserve as ls
 import numpy as np
-from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
-from litserve.loops.simple_loops import BatchedLoop
+from litserve.loops.base import LitLoop
 
 from faultsense.audio import decode
 from faultsense.errors import FaultSenseError
 
+from .channel import NO_STAMPS, Channel, Request
 from .http_helpers import dumps, error_status
 from .metrics import record_batch
 from .settings import ServeSettings
@@ -99,7 +100,8 @@ class SharedStats:
 
 @dataclass
 class Rejected:
-    """A request whose audio could not be used; answered with a 4xx, never predicted."""
+    """A request that is answered with this status and message, never predicted (a 4xx
+    for audio that cannot be used)."""
 
     status: int
     message: str
@@ -132,18 +134,6 @@ def phases(arrived: float, read: float, stamps: tuple[float, ...], back: float) 
     }
 
 
-class Payload(dict):
-    """A /predict request on its way to a worker: `{"audio": bytes, "name": str,
-    "t_submit": float}`. A dict whose repr is one short line: LitServe's request handler
-    formats `f"Handling request: {request}"` for a debug log line on every request, even
-    with debug logging off, and the repr of 160 kB of bytes cost ~15% of an HTTP
-    process's CPU (py-spy, issue 16)."""
-
-    def __repr__(self) -> str:
-        audio = self.get("audio")
-        return f"<predict request {self.get('name')!r}, {len(audio or b'')} bytes>"
-
-
 @dataclass
 class Job:
     """One request inside a worker: its clip (or why it was refused), then its result,
@@ -154,80 +144,35 @@ class Job:
     result: Any = None  # dict | Rejected, set by predict
 
 
-class DrainingBatchLoop(BatchedLoop):
-    """LitServe's batched loop, with batches made by draining the queue: block for the
-    first request, then take what is already queued behind it (up to max_batch_size),
-    waiting `batch_timeout` more only when it is > 0. LitServe's own collation polls the
-    queue every 1 ms for the whole `batch_timeout`, so a lone request always waited it
-    out, and an idle worker kept the queue's manager process busy."""
+class ChannelLoop(LitLoop):
+    """The worker's loop: LitServe starts, sets up and restarts the worker; the requests
+    come from the FaultSenseAPI's Channel (serving/channel.py), not LitServe's queues."""
 
-    def get_batch_requests(self, lit_api: Any, request_queue: Any, transport: Any) -> tuple:
-        items = drain_queue(request_queue, lit_api.max_batch_size, lit_api.batch_timeout)
-        payloads, timed_out = [], []
-        apply_timeout = lit_api.request_timeout not in (-1, False)
-        for item, got in items:
-            if item == _SENTINEL_VALUE:
-                raise _StopLoopError()
-            response_queue_id, uid, timestamp, x_enc = item
-            # No START message per request (LitServe's loop sends one): it tells the HTTP
-            # process which worker holds a request, for LitServe's monitor to fail the
-            # in-flight requests of a dead worker, but that monitor runs in the main
-            # process and only sees its own (empty) response buffer when the API servers
-            # are forked processes, as serve() runs them. Each one cost the worker a
-            # Manager round trip (~0.1-0.2 ms) per request.
-            if apply_timeout and time.monotonic() - timestamp > lit_api.request_timeout:
-                timed_out.append((response_queue_id, uid))
-                continue
-            if isinstance(x_enc, dict):
-                x_enc["t_got"] = got
-            payloads.append((response_queue_id, uid, x_enc))
-        return payloads, timed_out
+    def __call__(self, lit_api: Any, *args: Any, **kwargs: Any) -> None:
+        while True:
+            lit_api.serve_once()
 
 
-# How long an idle worker blocks on the queue per call. Short on purpose: a worker killed
-# inside a blocking get leaves the Manager's thread to take the next request and lose it
-# (its reply goes to a dead pipe), so the window is this long; 50 idle calls a second
-# cost next to nothing (LitServe's own loop polled every 1 ms).
-IDLE_WAIT_S = 0.02
-
-
-def drain_queue(queue: Any, max_items: int, extra_wait: float) -> list[tuple[Any, float]]:
-    """(item, perf_counter when taken) for the first item of `queue` (waiting up to
-    IDLE_WAIT_S; [] when none came) and those queued behind it, up to `max_items`;
-    waits up to `extra_wait` seconds for more once the queue is empty."""
-    try:
-        items = [(queue.get(timeout=IDLE_WAIT_S), time.perf_counter())]
-    except Empty:
-        return []
-    deadline = time.perf_counter() + max(0.0, extra_wait)
-    while len(items) < max_items:
-        try:
-            item = queue.get_nowait()
-        except Empty:
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                break
-            try:
-                item = queue.get(timeout=left)
-            except Empty:
-                break
-        items.append((item, time.perf_counter()))
-    return items
+# How long an idle worker waits on the channel per call: a worker has nothing else to do,
+# so this only bounds how long a stop waits for it.
+IDLE_WAIT_S = 1.0
 
 
 class FaultSenseAPI(ls.LitAPI):
-    """LitAPI over the Predictor. Payload (built by the /predict route):
-    `{"audio": bytes, "name": str, "t_submit": perf_counter}` -> `(status, json_bytes,
-    stamps)`, stamps as in STAMPS."""
+    """LitAPI over the Predictor, serving the requests of its Channel: a Request (audio
+    bytes, name, stamps) -> `(status, json_bytes, stamps)` sent back, stamps as in STAMPS."""
 
-    def __init__(self, settings: ServeSettings, stats: SharedStats | None = None) -> None:
+    def __init__(
+        self, settings: ServeSettings, channel: Channel, stats: SharedStats | None = None
+    ) -> None:
         super().__init__(
             max_batch_size=settings.max_batch_size,
             batch_timeout=settings.batch_timeout,
             api_path="/predict",
-            loop=DrainingBatchLoop() if settings.max_batch_size > 1 else "auto",
+            loop=ChannelLoop(),
         )
         self.settings = settings
+        self.channel = channel
         # The server attaches the stats once LitServe has resolved the devices (one slot
         # per worker), before the workers start.
         self.stats = stats if stats is not None else SharedStats(1)
@@ -263,28 +208,48 @@ class FaultSenseAPI(ls.LitAPI):
             self.predictor.fast_path,
         )
 
-    def decode_request(self, request: dict) -> Job:
-        t0 = time.perf_counter()
-        stamps = {"submit": request.get("t_submit", t0), "got": request.get("t_got", t0)}
-        stamps["decode0"] = t0
+    def serve_once(self) -> None:
+        """Take a batch off the channel (the first request and whatever is queued behind
+        it, up to max_batch_size: a lone request never waits) and answer each request."""
+        requests = self.channel.take(self.max_batch_size, self.batch_timeout, IDLE_WAIT_S)
+        if not requests:
+            return
         try:
-            clip: Any = decode(
-                request["audio"],
-                sample_rate=self.predictor.sample_rate,
-                max_seconds=self.settings.max_predict_seconds,
-                name=request.get("name") or "audio",
+            jobs = self.predict([self.decode_request(request) for request in requests])
+            answers = [self.encode_response(job) for job in jobs]
+        except Exception:  # predict isolates bad clips; this is a bug, answered as one
+            log.exception("A batch failed")
+            error = dumps({"error": "Internal error while predicting; the server log has details."})
+            answers = [(500, error, NO_STAMPS)] * len(requests)
+        for request, answer in zip(requests, answers, strict=True):
+            self.channel.answer(request, *answer)
+
+    def decode_request(self, request: Request) -> Job:
+        t0 = time.perf_counter()
+        stamps = {"submit": request.t_submit, "got": request.t_got, "decode0": t0}
+        clip: Any
+        if time.monotonic() - request.t_sent > self.settings.request_timeout:
+            clip = Rejected(
+                504,
+                f"The request waited more than {self.settings.request_timeout:g} s for a "
+                "worker (the server is overloaded); try again.",
             )
-        except FaultSenseError as err:
-            clip = Rejected(error_status(err), str(err))
+        elif request.audio is None:
+            clip = Rejected(503, "The request's audio did not reach a worker; try again.")
+        else:
+            try:
+                clip = decode(
+                    request.audio,
+                    sample_rate=self.predictor.sample_rate,
+                    max_seconds=self.settings.max_predict_seconds,
+                    name=request.name or "audio",
+                )
+            except FaultSenseError as err:
+                clip = Rejected(error_status(err), str(err))
         stamps["decode1"] = time.perf_counter()
         return Job(clip, stamps)
 
-    def batch(self, inputs: list) -> list:
-        return list(inputs)
-
-    def predict(self, x: Any) -> Any:
-        single = not isinstance(x, list)
-        jobs: list[Job] = [x] if single else x
+    def predict(self, jobs: list[Job]) -> list[Job]:
         self._maybe_reload()
         good = [job for job in jobs if not isinstance(job.clip, Rejected)]
         for job in jobs:
@@ -307,10 +272,7 @@ class FaultSenseAPI(ls.LitAPI):
         self.stats.record_batch(len(jobs), len(good))
         if good:
             record_batch(len(good), t1 - t0)  # Prometheus (serving/metrics.py)
-        return jobs[0] if single else jobs
-
-    def unbatch(self, output: list) -> list:
-        return output
+        return jobs
 
     def encode_response(self, output: Job) -> tuple[int, bytes, tuple[float, ...]]:
         result = output.result

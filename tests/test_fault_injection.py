@@ -6,6 +6,8 @@
 - A corrupt registry.json, tampered weights, a broken bundle.json or a pickle planted as
   weights is detected, reported (4xx / a status entry / a refusal to start) and never
   served; nothing is unpickled.
+- An inference worker SIGKILLed is restarted, and requests sent while it was down are
+  served by the new one.
 - An upload cut off mid-body leaves no file and no manifest row; a server SIGKILLed in
   the middle of uploads loses no acknowledged upload and leaves no partial file; a
   restart keeps uploads, job history and the current version.
@@ -222,6 +224,44 @@ def _flip_byte(path: Path, offset: int = -100) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def inference_workers(server_pid: int) -> list[int]:
+    """The pids of the server's inference workers (spawned children of its main process)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == server_pid and b"spawn_main" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_inference_worker_is_restarted_and_requests_queued_meanwhile_are_served(
+    trained_registry, tmp_path
+):
+    with start_server(
+        tmp_path / "srv", trained_registry, extra=["server.workers_per_device=1"]
+    ) as server:
+        assert predict_version(server.url) == "v1"
+        (worker,) = inference_workers(server.process.pid)
+        os.kill(worker, signal.SIGKILL)
+        # Sent while no worker is alive: they wait in the channel for the restarted one.
+        answers: list[str] = []
+        threads = [
+            threading.Thread(target=lambda: answers.append(predict_version(server.url)))
+            for _ in range(3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert answers == ["v1"] * 3
+        (restarted,) = inference_workers(server.process.pid)
+        assert restarted != worker
+        assert "Worker 0 is dead. Restarting it" in server.log_text()
+        hostile.record("fault", point="inference worker SIGKILL", state="restarted, 0 failed")
 
 
 @pytest.mark.timeout(600)

@@ -116,7 +116,7 @@ def serve_config(overrides: list[str]) -> dict:
 def test_serve_settings_read_and_check_the_runtime():
     cfg = serve_config(["server.runtime=torch"])
     settings = serve_settings(cfg)
-    assert settings.runtime == "torch" and not settings.fast_queue
+    assert settings.runtime == "torch"
     assert settings.onnx_cache_dir == f"{cfg['paths']['cache_dir']}/onnx"
     assert ServeSettings.from_cfg(serve_config([])).runtime == "onnx"
     cfg["server"]["runtime"] = "tensorrt"
@@ -125,9 +125,8 @@ def test_serve_settings_read_and_check_the_runtime():
 
 
 def test_server_serves_on_onnx_runtime(tmp_path, trained_registry, torch_predictor):
-    # The default runtime, over LitServe's ZeroMQ answer transport (the option
-    # server.fast_queue; every other server test runs the default Manager queues).
-    extra = ["server.workers_per_device=1", "server.fast_queue=true"]
+    # The default runtime, with a single worker (the other server tests run two).
+    extra = ["server.workers_per_device=1"]
     with start_server(tmp_path / "srv", trained_registry, extra=extra) as s:
         wave = noisy_tone(2.0, 5, torch_predictor.sample_rate)
         body = to_wav_bytes(wave, torch_predictor.sample_rate)

@@ -1,11 +1,10 @@
 """The inference worker's fast paths (issue 16): the 16-bit PCM WAV decoder gives the
-same samples and the same refusals as `faultsense.audio.decode`, batches drain the queue
-without waiting for more, and a request's phases come out of its stamps in order."""
+same samples and the same refusals as `faultsense.audio.decode`, and a request's phases
+come out of its stamps in order (the request path itself: tests/test_channel.py)."""
 
 from __future__ import annotations
 
 import io
-import queue
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import soundfile as sf
 
 from faultsense.audio import _pcm16_frames, decode
 from faultsense.errors import AudioError
-from serving.worker import PHASES, STAMPS, Payload, drain_queue, phases
+from serving.worker import PHASES, STAMPS, phases
 
 RATE = 16_000
 
@@ -64,22 +63,6 @@ def test_fast_wav_decode_matches_decode(case):
             np.testing.assert_array_equal(got, expected)
 
 
-def test_drain_takes_what_is_queued_up_to_the_batch_size():
-    q: queue.Queue = queue.Queue()
-    for i in range(5):
-        q.put(i)
-    assert [item for item, _ in drain_queue(q, 3, 0.0)] == [0, 1, 2]
-    taken = drain_queue(q, 32, 0.0)  # the rest, without waiting to fill a batch
-    assert [item for item, _ in taken] == [3, 4]
-    assert taken[0][1] <= taken[1][1]  # stamped when taken
-    assert q.empty()
-
-
-def test_drain_of_an_empty_queue_gives_nothing(monkeypatch):
-    monkeypatch.setattr("serving.worker.IDLE_WAIT_S", 0.01)
-    assert drain_queue(queue.Queue(), 32, 0.0) == []
-
-
 def test_phases_follow_the_stamps():
     stamps = (1.000, 1.002, 1.003, 1.004, 1.006, 1.016, 1.017)  # as in STAMPS
     assert len(stamps) == len(STAMPS)
@@ -87,11 +70,3 @@ def test_phases_follow_the_stamps():
     assert list(spent) == list(PHASES)
     expected = [1, 2, 1, 1, 2, 10, 1, 3]  # read queue wait decode batch model encode back
     assert list(spent.values()) == pytest.approx(expected, abs=1e-6)
-
-
-def test_payload_pickles_as_a_dict_with_a_short_repr():
-    import pickle
-
-    payload = pickle.loads(pickle.dumps(Payload(audio=b"x" * 200_000, name="a.wav", t_submit=1.0)))
-    assert isinstance(payload, dict) and payload["audio"] == b"x" * 200_000
-    assert len(repr(payload)) < 80
