@@ -129,10 +129,12 @@ class PredictionLog:
             # Gather for a moment before writing: one lock + write + fsync per interval,
             # not per prediction, keeps the log's cost off the HTTP process under load
             # (a crash loses at most this interval's records, never a line's integrity).
-            deadline = time.monotonic() + WRITE_INTERVAL_S
+            # Sleeping, not waiting on the queue, spares the event loop a thread wake-up
+            # per record (~10% of an HTTP process's CPU at 250 req/s, py-spy, issue 16).
+            time.sleep(WRITE_INTERVAL_S)
             with contextlib.suppress(queue.Empty):
                 while len(batch) < 1000:
-                    batch.append(q.get(timeout=max(0.0, deadline - time.monotonic())))
+                    batch.append(q.get_nowait())
             try:
                 self.append(batch)
             except Exception as err:  # a full disk must not take /predict down
