@@ -14,7 +14,8 @@ Here the kernel is the queue:
   an in-memory file, so a body of any size costs one write and one read, and the kernel
   frees it with the last descriptor, whichever process dies.
 - Answers: each HTTP process binds its own datagram socket and reads it from its event
-  loop (no thread), matching answers to waiting requests by number.
+  loop (no thread), matching answers to waiting requests by number; a worker sends a
+  batch's answers to one HTTP process in one datagram.
 
 The kernel queues at most `net.unix.max_dgram_qlen` requests (10 by default); the rest
 wait their turn in the HTTP process. A worker that dies loses the requests it had taken:
@@ -36,6 +37,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +85,8 @@ class Channel:
 
     @classmethod
     def open(cls) -> Channel:
+        # mkdtemp's folder is the user's alone (0700): no other user can reach the sockets
+        # (answers are unpickled).
         directory = tempfile.mkdtemp(prefix="faultsense-ipc-")
         requests = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         requests.bind(os.path.join(directory, "requests"))
@@ -128,29 +132,40 @@ class Channel:
             taken.append(_unpack(msg, _fds(ancillary), time.perf_counter()))
         return taken
 
-    def answer(self, request: Request, status: int, body: bytes, stamps: tuple) -> None:
-        """Send `request`'s answer to its HTTP process; one that has gone away is skipped."""
+    def answer(self, answers: Iterable[tuple[Request, int, bytes, tuple]]) -> None:
+        """Send each request's (status, JSON body, stamps) to its HTTP process: a batch's
+        answers to one process go as one datagram (one wake-up of its event loop). A
+        process that has gone away is skipped."""
         if self._answers_out is None:
             self._answers_out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._answers_out.settimeout(ANSWER_SEND_TIMEOUT_S)
-        data = pickle.dumps((request.uid, status, body, stamps), protocol=pickle.HIGHEST_PROTOCOL)
+        by_process: dict[str, list[tuple]] = {}
+        for request, status, body, stamps in answers:
+            by_process.setdefault(request.answer_to, []).append((request.uid, status, body, stamps))
+        for address, items in by_process.items():
+            self._send_answers(address, items)
+
+    def _send_answers(self, address: str, items: list[tuple]) -> None:
+        assert self._answers_out is not None
         try:
-            self._answers_out.sendto(data, request.answer_to)
+            self._answers_out.sendto(pickle.dumps(items, pickle.HIGHEST_PROTOCOL), address)
+            return
         except OSError as err:
             if err.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
-                log.warning(
-                    "Answer to %s not sent (its HTTP process is gone?): %s", request.name, err
-                )
+                log.warning("Answers to %s not sent (its HTTP process is gone?): %s", address, err)
                 return
-            # Too big for one datagram: say so rather than leave the client waiting.
-            log.error("Answer of %d bytes to %s not sent: %s", len(data), request.name, err)
-            error = dumps(
-                {"error": "The answer was too large to send; the server log has details."}
-            )
-            with contextlib.suppress(OSError):
-                self._answers_out.sendto(
-                    pickle.dumps((request.uid, 500, error, stamps)), request.answer_to
-                )
+            too_big = err
+        if len(items) > 1:  # too big for one datagram: in halves
+            half = len(items) // 2
+            self._send_answers(address, items[:half])
+            self._send_answers(address, items[half:])
+            return
+        # One answer too big to send: say so rather than leave the client waiting.
+        uid, _, body, stamps = items[0]
+        log.error("An answer of %d bytes was not sent: %s", len(body), too_big)
+        error = dumps({"error": "The answer was too large to send; the server log has details."})
+        with contextlib.suppress(OSError):
+            self._answers_out.sendto(pickle.dumps([(uid, 500, error, stamps)]), address)
 
     def _readable(self, timeout: float) -> bool:
         if self._poller is None:
@@ -276,7 +291,7 @@ class ChannelClient:
                 n = self._answers.recv_into(self._buffer)
             except BlockingIOError:
                 return
-            uid, status, body, stamps = pickle.loads(self._buffer[:n])
-            answer = self._pending.get(uid)
-            if answer is not None and not answer.done():
-                answer.set_result((status, body, stamps))
+            for uid, status, body, stamps in pickle.loads(self._buffer[:n]):
+                answer = self._pending.get(uid)
+                if answer is not None and not answer.done():
+                    answer.set_result((status, body, stamps))

@@ -221,8 +221,9 @@ class FaultSenseAPI(ls.LitAPI):
             log.exception("A batch failed")
             error = dumps({"error": "Internal error while predicting; the server log has details."})
             answers = [(500, error, NO_STAMPS)] * len(requests)
-        for request, answer in zip(requests, answers, strict=True):
-            self.channel.answer(request, *answer)
+        self.channel.answer(
+            (request, *answer) for request, answer in zip(requests, answers, strict=True)
+        )
 
     def decode_request(self, request: Request) -> Job:
         t0 = time.perf_counter()

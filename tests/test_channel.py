@@ -48,8 +48,10 @@ def test_a_free_worker_takes_what_is_queued_up_to_the_batch_size(channel):
         assert [r.audio for r in rest] == [b"a" * 4, b"a" * 5]
         assert all(r.t_got >= r.t_submit for r in first + rest)
         # Answered out of order: each answer still reaches its own request.
-        for r in reversed(first + rest):
-            channel.answer(r, 200, json.dumps({"n": len(r.audio)}).encode(), (r.t_got,) * 7)
+        channel.answer(
+            (r, 200, json.dumps({"n": len(r.audio)}).encode(), (r.t_got,) * 7)
+            for r in reversed(first + rest)
+        )
         return await asyncio.gather(*tasks)
 
     answers = asyncio.run(main())
@@ -68,8 +70,7 @@ def test_a_full_queue_makes_senders_wait_in_order(channel):
         taken = []
         while len(taken) < 40:
             batch = await asyncio.to_thread(_take, channel, 8)
-            for r in batch:
-                channel.answer(r, 200, r.audio, (0.0,) * 7)
+            channel.answer((r, 200, r.audio, (0.0,) * 7) for r in batch)
             taken += batch
         return [r.audio for r in taken], await asyncio.gather(*tasks)
 
@@ -83,7 +84,7 @@ def test_an_unanswered_request_gets_a_504_and_a_late_answer_is_dropped(channel):
         (task,) = await _queued(channel, [b"lost"], wait=0.5)
         (request,) = await asyncio.to_thread(_take, channel, 1)
         status, body, _ = await task  # the worker "died" holding it
-        channel.answer(request, 200, b"{}", (0.0,) * 7)  # too late: nobody waits for it
+        channel.answer([(request, 200, b"{}", (0.0,) * 7)])  # too late: nobody waits for it
         await asyncio.sleep(0.1)
         return status, json.loads(body)
 
@@ -95,10 +96,9 @@ def _echo_digests(channel: Channel, count: int) -> None:
     """A worker in another process: answers each request with its body's sha256."""
     done = 0
     while done < count:
-        for r in channel.take(8, 0.0, idle_wait=1.0):
-            digest = hashlib.sha256(r.audio).hexdigest().encode()
-            channel.answer(r, 200, digest, (0.0,) * 7)
-            done += 1
+        batch = channel.take(8, 0.0, idle_wait=1.0)
+        channel.answer((r, 200, hashlib.sha256(r.audio).hexdigest().encode(), ()) for r in batch)
+        done += len(batch)
 
 
 def test_bodies_of_any_size_cross_processes_intact(channel):
@@ -123,3 +123,23 @@ def test_bodies_of_any_size_cross_processes_intact(channel):
     assert [body for _, body, _ in answers] == [
         hashlib.sha256(b).hexdigest().encode() for b in bodies
     ]
+
+
+def test_answers_too_big_for_one_datagram_are_split_and_one_too_big_is_a_500(channel):
+    # A datagram holds at most the socket's send buffer (~208 kB by default on Linux).
+    bodies = [b"%d" % i + b"x" * 20_000 for i in range(40)] + [b"y" * 400_000]
+
+    async def main():
+        tasks = await _queued(channel, bodies)
+        taken = []
+        while len(taken) < len(bodies):
+            batch = await asyncio.to_thread(_take, channel, 64)
+            taken += batch
+        # One batch's answers, 1.2 MB together: sent to the HTTP process in pieces.
+        await asyncio.to_thread(channel.answer, [(r, 200, r.audio, ()) for r in taken])
+        return await asyncio.gather(*tasks)
+
+    answers = asyncio.run(main())
+    assert [(status, body) for status, body, _ in answers[:-1]] == [(200, b) for b in bodies[:-1]]
+    status, body, _ = answers[-1]
+    assert status == 500 and "too large" in json.loads(body)["error"]
