@@ -45,10 +45,12 @@ from .http_helpers import dumps
 
 log = logging.getLogger("faultsense.serve")
 
-# A request header is a few hundred bytes (the file name is capped by the server's limits).
+# A request header is a few hundred bytes: the answer socket's path (< 108), numbers, and
+# the file name, cut to NAME_CHARS (<= 4 bytes each in UTF-8).
 HEADER_BYTES = 4096
-# The largest answer a worker can send is its socket's send buffer (Linux: 208 kB by
-# default); a prediction's JSON is a few kB even for a 10-minute clip's windows.
+NAME_CHARS = 512
+# The largest datagram of answers a worker sends (bigger batches go in pieces) and the
+# HTTP side's receive buffer; a prediction's JSON is a few kB even for a 10-minute clip.
 ANSWER_BYTES = 1 << 18
 # How long an HTTP process waits past `request_timeout` before it calls a request lost
 # (its worker died holding it) and answers 504.
@@ -139,6 +141,8 @@ class Channel:
         if self._answers_out is None:
             self._answers_out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._answers_out.settimeout(ANSWER_SEND_TIMEOUT_S)
+            # Room for an ANSWER_BYTES datagram whatever the system's default (macOS: 2 kB).
+            self._answers_out.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ANSWER_BYTES)
         by_process: dict[str, list[tuple]] = {}
         for request, status, body, stamps in answers:
             by_process.setdefault(request.answer_to, []).append((request.uid, status, body, stamps))
@@ -147,14 +151,17 @@ class Channel:
 
     def _send_answers(self, address: str, items: list[tuple]) -> None:
         assert self._answers_out is not None
-        try:
-            self._answers_out.sendto(pickle.dumps(items, pickle.HIGHEST_PROTOCOL), address)
-            return
-        except OSError as err:
-            if err.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
-                log.warning("Answers to %s not sent (its HTTP process is gone?): %s", address, err)
+        data = pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
+        too_big: Any = f"{len(data)} bytes > {ANSWER_BYTES}"  # the HTTP side's buffer
+        if len(data) <= ANSWER_BYTES:
+            try:
+                self._answers_out.sendto(data, address)
                 return
-            too_big = err
+            except OSError as err:
+                if err.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
+                    log.warning("Answers to %s not sent (HTTP process gone?): %s", address, err)
+                    return
+                too_big = err
         if len(items) > 1:  # too big for one datagram: in halves
             half = len(items) // 2
             self._send_answers(address, items[:half])
@@ -234,6 +241,7 @@ class ChannelClient:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.answer_path)  # left by a process that had this pid before
         self._answers = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._answers.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, ANSWER_BYTES)
         self._answers.bind(self.answer_path)
         self._answers.setblocking(False)
         self._requests = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -253,7 +261,8 @@ class ChannelClient:
         uid = next(self._uids)
         answer = self.loop.create_future()
         self._pending[uid] = answer
-        header = (self.answer_path, uid, t_submit, time.monotonic(), name, len(audio))
+        # The name is only quoted in messages; capped so a header always fits HEADER_BYTES.
+        header = (self.answer_path, uid, t_submit, time.monotonic(), name[:NAME_CHARS], len(audio))
         try:
             async with asyncio.timeout(wait):
                 await self._send(pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL), audio)
