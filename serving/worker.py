@@ -153,8 +153,8 @@ class ChannelLoop(LitLoop):
             lit_api.serve_once()
 
 
-# How long an idle worker waits on the channel per call: a worker has nothing else to do,
-# so this only bounds how long a stop waits for it.
+# How long an idle worker waits on the channel per call before serve_once returns (and is
+# called again): nothing else needs the worker, and a stop terminates its process.
 IDLE_WAIT_S = 1.0
 
 
