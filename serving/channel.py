@@ -89,10 +89,12 @@ class Channel:
     def open(cls) -> Channel:
         # mkdtemp's folder is the user's alone (0700): no other user can reach the sockets
         # (answers are unpickled).
-        directory = tempfile.mkdtemp(prefix="faultsense-ipc-")
-        requests = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        requests.bind(os.path.join(directory, "requests"))
-        return cls(directory, requests)
+        channel = cls(
+            tempfile.mkdtemp(prefix="faultsense-ipc-"),
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM),
+        )
+        channel.requests.bind(channel.request_path)
+        return channel
 
     @property
     def request_path(self) -> str:

@@ -12,6 +12,7 @@ import soundfile as sf
 
 from faultsense.audio import _pcm16_frames, decode
 from faultsense.errors import AudioError
+from serving.channel import NO_STAMPS
 from serving.worker import PHASES, STAMPS, phases
 
 RATE = 16_000
@@ -70,3 +71,5 @@ def test_phases_follow_the_stamps():
     assert list(spent) == list(PHASES)
     expected = [1, 2, 1, 1, 2, 10, 1, 3]  # read queue wait decode batch model encode back
     assert list(spent.values()) == pytest.approx(expected, abs=1e-6)
+    # An answer no worker stamped (a lost request's 504) still has a stamp per stage.
+    assert len(NO_STAMPS) == len(STAMPS)
