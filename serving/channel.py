@@ -67,8 +67,9 @@ class Request:
 
     answer_to: str  # the HTTP process's answer socket
     uid: int
-    t_submit: float  # perf_counter in the HTTP process once the body was read
-    t_sent: float  # time.monotonic when it entered the channel (for request_timeout)
+    # perf_counter in the HTTP process once the body was read (one system-wide clock: a
+    # worker compares it with its own for request_timeout)
+    t_submit: float
     name: str
     audio: bytes | None  # None: the body did not arrive with the header
     t_got: float = 0.0  # perf_counter when a worker took it
@@ -154,8 +155,7 @@ class Channel:
     def _send_answers(self, address: str, items: list[tuple]) -> None:
         assert self._answers_out is not None
         data = pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
-        too_big: Any = f"{len(data)} bytes > {ANSWER_BYTES}"  # the HTTP side's buffer
-        if len(data) <= ANSWER_BYTES:
+        if len(data) <= ANSWER_BYTES:  # the HTTP side's buffer
             try:
                 self._answers_out.sendto(data, address)
                 return
@@ -163,7 +163,6 @@ class Channel:
                 if err.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
                     log.warning("Answers to %s not sent (HTTP process gone?): %s", address, err)
                     return
-                too_big = err
         if len(items) > 1:  # too big for one datagram: in halves
             half = len(items) // 2
             self._send_answers(address, items[:half])
@@ -171,10 +170,9 @@ class Channel:
             return
         # One answer too big to send: say so rather than leave the client waiting.
         uid, _, body, stamps = items[0]
-        log.error("An answer of %d bytes was not sent: %s", len(body), too_big)
+        log.error("An answer of %d bytes was too large to send", len(body))
         error = dumps({"error": "The answer was too large to send; the server log has details."})
-        with contextlib.suppress(OSError):
-            self._answers_out.sendto(pickle.dumps([(uid, 500, error, stamps)]), address)
+        self._send_answers(address, [(uid, 500, error, stamps)])
 
     def _readable(self, timeout: float) -> bool:
         if self._poller is None:
@@ -202,7 +200,7 @@ def _fds(ancillary: list) -> list[int]:
 
 def _unpack(msg: bytes, fds: list[int], got: float) -> Request:
     """A request from its header and body descriptor (closed here)."""
-    answer_to, uid, t_submit, t_sent, name, size = pickle.loads(msg)
+    answer_to, uid, t_submit, name, size = pickle.loads(msg)
     audio = None
     try:
         if fds:
@@ -212,7 +210,7 @@ def _unpack(msg: bytes, fds: list[int], got: float) -> Request:
     finally:
         for fd in fds:
             os.close(fd)
-    return Request(answer_to, uid, t_submit, t_sent, name, audio, got)
+    return Request(answer_to, uid, t_submit, name, audio, got)
 
 
 def _body_fd(data: bytes) -> int:
@@ -264,7 +262,7 @@ class ChannelClient:
         answer = self.loop.create_future()
         self._pending[uid] = answer
         # The name is only quoted in messages; capped so a header always fits HEADER_BYTES.
-        header = (self.answer_path, uid, t_submit, time.monotonic(), name[:NAME_CHARS], len(audio))
+        header = (self.answer_path, uid, t_submit, name[:NAME_CHARS], len(audio))
         try:
             async with asyncio.timeout(wait):
                 await self._send(pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL), audio)

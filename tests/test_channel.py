@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from serving.channel import Channel
+from serving.channel import Channel, Request
 
 
 @pytest.fixture
@@ -143,3 +143,16 @@ def test_answers_too_big_for_one_datagram_are_split_and_one_too_big_is_a_500(cha
     assert [(status, body) for status, body, _ in answers[:-1]] == [(200, b) for b in bodies[:-1]]
     status, body, _ = answers[-1]
     assert status == 500 and "too large" in json.loads(body)["error"]
+
+
+def test_a_request_older_than_the_timeout_is_refused_with_a_504_undecoded(channel):
+    from serving.settings import ServeSettings
+    from serving.worker import FaultSenseAPI, Rejected
+    from tests.test_serve_runtime import serve_config
+
+    settings = ServeSettings.from_cfg(serve_config(["server.request_timeout=5"]))
+    api = FaultSenseAPI(settings, channel)  # no setup: a stale request never reaches a model
+    stale = Request("unused", 0, time.perf_counter() - 6.0, "old.wav", b"not audio", 0.0)
+    refused = api.decode_request(stale).clip
+    assert isinstance(refused, Rejected)
+    assert refused.status == 504 and "more than 5 s" in refused.message
